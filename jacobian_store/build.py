@@ -1,0 +1,401 @@
+"""Materialize J = ∇_w f(w0, X) chunk by chunk into an HDF5 store (``bin/build-jacobian``).
+
+A build is split into chunks of ``chunk_samples`` samples (rows [c·B·L, (c+1)·B·L) of J). Each
+chunk is computed with ``vmap(jacrev)`` on the build device, handed to a writer thread (so the
+HDF5 write of chunk c overlaps the computation of chunk c + 1), written, flushed and only then
+marked done in ``/train/done``. A killed build therefore loses at most the chunks in flight, and
+rerunning the same command computes exactly the chunks not marked done, with the same chunk
+boundaries, so the result equals an uninterrupted build.
+
+J's storage is allocated when the file is created (HDF5 early allocation, no fill), so writing a
+chunk touches only raw data, never the file's chunk index: a kill mid-write cannot damage the
+structure of the file, only the chunk being written, which is not yet marked done.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import queue
+import shutil
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import h5py
+import numpy as np
+import torch
+
+from jacobian_store.architectures import available_models, create_model
+from jacobian_store.functional import initial_parameters, jacobian_rows, parameter_layout
+from jacobian_store.store import FORMAT_VERSION, JacobianStore, StoreError, dataset_spec_json
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+# HDF5 chunks of about this size: one chunk is the unit of every read and write, and 32 MiB keeps
+# the chunk cache small while making each I/O call large.
+HDF5_CHUNK_BYTES = 32 * 2**20
+# A single HDF5 chunk must stay below 4 GiB; rows longer than this are split into column chunks.
+MAX_ROW_CHUNK_BYTES = 256 * 2**20
+# vmap(jacrev) holds the Jacobian chunk plus per-sample activation gradients; measured on LeNet
+# and AlexNet the peak is below three times the chunk itself.
+JACOBIAN_WORKSPACE_FACTOR = 3
+
+
+@dataclass(frozen=True)
+class BuildSpec:
+    """What a store contains; two builds with equal specs and datasets give identical J."""
+    arch: str
+    width: float
+    seed: int = 0
+    dtype: str = "float32"
+    test_jacobian: bool = False
+    chunk_samples: int | None = None  # None: chosen from the memory budget
+
+
+@dataclass
+class BuildReport:
+    path: Path
+    shape: tuple[int, int]
+    itemsize: int
+    seconds: float
+    rows_built: int
+    device: str
+
+    @property
+    def bytes(self) -> int:
+        return self.shape[0] * self.shape[1] * self.itemsize
+
+    @property
+    def rows_per_second(self) -> float:
+        return self.rows_built / self.seconds if self.seconds > 0 else float("nan")
+
+    @property
+    def megabytes_per_second(self) -> float:
+        return self.rows_per_second * self.shape[1] * self.itemsize / 1e6
+
+    def __str__(self):
+        return (f"{self.path}: J {self.shape[0]:,} × {self.shape[1]:,} ({self.bytes / 1e9:.3g} GB); built "
+                f"{self.rows_built:,} rows in {self.seconds:.1f} s on {self.device} "
+                f"({self.rows_per_second:,.0f} rows/s, {self.megabytes_per_second:,.0f} MB/s)")
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
+    return torch.device(device)
+
+
+def disable_tf32() -> None:
+    """TF32 would make GPU Jacobians differ from the CPU's by ~1e-3; the store must match to float32 tolerance."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+
+
+def parse_bytes(text: str) -> int:
+    """'512MiB', '2GB', '1e9' → bytes."""
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    stripped = text.strip().upper()
+    number = stripped.rstrip("KMGTIB")
+    try:
+        return int(float(number) * units[stripped[len(number):]])
+    except (ValueError, KeyError):
+        raise ValueError(f"cannot read {text!r} as a size; write e.g. 512MiB or 2GB") from None
+
+
+def default_memory_budget(device: torch.device) -> int:
+    """Bytes the build may use for one chunk's workspace: half the free GPU memory, or 2 GiB on the CPU."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free // 2
+    return 2 * 2**30
+
+
+def choose_chunking(n_outputs: int, n_params: int, itemsize: int, memory_budget: int,
+                    chunk_samples: int | None) -> tuple[int, int, int]:
+    """(build chunk samples, HDF5 chunk rows, HDF5 chunk columns).
+
+    The build chunk is a whole number of HDF5 chunks, so every write covers whole HDF5 chunks.
+    """
+    row_bytes = n_params * itemsize
+    columns = n_params if row_bytes <= MAX_ROW_CHUNK_BYTES else MAX_ROW_CHUNK_BYTES // itemsize
+    sample_bytes = n_outputs * columns * itemsize
+    hdf5_samples = max(1, HDF5_CHUNK_BYTES // sample_bytes)
+    if chunk_samples is None:
+        chunk_samples = max(1, memory_budget // (JACOBIAN_WORKSPACE_FACTOR * n_outputs * row_bytes))
+        chunk_samples = max(hdf5_samples, chunk_samples // hdf5_samples * hdf5_samples)
+    hdf5_samples = math.gcd(hdf5_samples, chunk_samples)
+    return chunk_samples, hdf5_samples * n_outputs, columns
+
+
+def library_versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        lincnn_version = version("lincnn")
+    except PackageNotFoundError:
+        lincnn_version = "unknown"
+    return {"lincnn": lincnn_version, "python": platform.python_version(), "torch": torch.__version__,
+            "numpy": np.__version__, "h5py": h5py.__version__, "hdf5": h5py.version.hdf5_version}
+
+
+def store_identity(spec: BuildSpec, dataset, n_params: int, chunk_samples: int) -> dict:
+    """The attributes that determine a store's contents; a resume must match all of them."""
+    return {"format_version": FORMAT_VERSION, "arch": spec.arch, "width": float(spec.width), "seed": int(spec.seed),
+            "dtype": spec.dtype, "test_jacobian": bool(spec.test_jacobian), "chunk_samples": int(chunk_samples),
+            "dataset": dataset_spec_json(dataset.spec), "n_params": int(n_params),
+            "n_outputs": int(dataset.n_outputs), "n_samples": int(dataset.train.x.shape[0]),
+            "in_channels": int(dataset.in_channels), "image_size": int(dataset.image_size)}
+
+
+def _check_identity(path: Path, file: h5py.File, identity: dict) -> None:
+    if "format_version" not in file.attrs:
+        raise StoreError(f"{path} exists but is not a complete lincnn store (its creation was interrupted, or it is "
+                         f"another file); pass --overwrite to replace it or choose another --out")
+    for key, wanted in identity.items():
+        found = file.attrs.get(key)
+        if isinstance(found, np.generic):
+            found = found.item()
+        if found != wanted:
+            raise StoreError(f"{path} was built with a different {key}: stored {found!r}, this command asks for "
+                             f"{wanted!r}; pass --overwrite to replace the store, or choose another --out")
+
+
+def _create_jacobian_dataset(group: h5py.Group, n_rows: int, n_params: int, dtype: np.dtype,
+                             chunk_rows: int, chunk_columns: int) -> None:
+    """/<split>/J with early allocation and no fill (see the module docstring for why)."""
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_chunk((min(chunk_rows, n_rows), chunk_columns))
+    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+    space = h5py.h5s.create_simple((n_rows, n_params))
+    h5py.h5d.create(group.id, b"J", h5py.h5t.py_create(dtype), space, dcpl=dcpl)
+
+
+@torch.no_grad()
+def _forward_outputs(model, x: torch.Tensor, device, dtype, batch: int = 512) -> np.ndarray:
+    return torch.cat([model(x[i:i + batch].to(device=device, dtype=dtype)).cpu()
+                      for i in range(0, x.shape[0], batch)]).numpy()
+
+
+def _create_store(path: Path, identity: dict, model, dataset, spec: BuildSpec, device, chunk_rows: int,
+                  chunk_columns: int, command: str | None) -> None:
+    dtype = DTYPES[spec.dtype]
+    np_dtype = np.dtype(spec.dtype)
+    layout = parameter_layout(model)
+    n_chunks = {split: math.ceil(getattr(dataset, split).x.shape[0] / identity["chunk_samples"]) for split in ("train", "test")}
+    with h5py.File(path, "w") as f:
+        for split in ("train", "test"):
+            data = getattr(dataset, split)
+            group = f.create_group(split)
+            group.create_dataset("f0", data=_forward_outputs(model, data.x, device, dtype))
+            group.create_dataset("y", data=data.targets.numpy().astype(np_dtype))
+            group.create_dataset("labels", data=data.labels.numpy())
+            group.create_dataset("indices", data=np.asarray(data.indices, dtype=np.int64))
+            if split == "train" or spec.test_jacobian:
+                _create_jacobian_dataset(group, data.x.shape[0] * dataset.n_outputs, identity["n_params"], np_dtype,
+                                         chunk_rows, chunk_columns)
+                group.create_dataset("done", data=np.zeros(n_chunks[split], dtype=bool))
+        f.create_dataset("w0", data=torch.cat([p.detach().reshape(-1).cpu() for p in model.parameters()]).numpy())
+        params = f.create_group("params")
+        params.create_dataset("names", data=[s.name for s in layout], dtype=h5py.string_dtype())
+        params.create_dataset("offsets", data=[s.offset for s in layout], dtype=np.int64)
+        params.create_dataset("sizes", data=[s.size for s in layout], dtype=np.int64)
+        params.attrs["shapes"] = json.dumps([list(s.shape) for s in layout])
+        f.attrs["versions"] = json.dumps(library_versions())
+        f.attrs["device"] = str(device)
+        f.attrs["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        f.attrs["command"] = command or ""
+        # Identity last: a file without format_version is a creation that did not finish.
+        for key, value in identity.items():
+            f.attrs[key] = value
+
+
+class _ChunkWriter:
+    """Writes finished chunks from a background thread so HDF5 I/O overlaps the next computation."""
+
+    def __init__(self, file: h5py.File, split: str, on_chunk_done: Callable[[int], None] | None):
+        self._file, self._split, self._on_chunk_done = file, split, on_chunk_done
+        self._queue: queue.Queue = queue.Queue(maxsize=1)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        dataset, done = self._file[f"{self._split}/J"], self._file[f"{self._split}/done"]
+        while (item := self._queue.get()) is not None:
+            if self._error is not None:
+                continue
+            chunk, first_row, rows = item
+            try:
+                dataset[first_row:first_row + rows.shape[0]] = rows
+                self._file.flush()  # the rows reach the file before the mark that says they did
+                done[chunk] = True
+                self._file.flush()
+                if self._on_chunk_done is not None:
+                    self._on_chunk_done(chunk)
+            except BaseException as error:  # re-raised in the building thread
+                self._error = error
+
+    def put(self, chunk: int, first_row: int, rows: np.ndarray):
+        if self._error is not None:
+            raise self._error
+        self._queue.put((chunk, first_row, rows))
+
+    def close(self):
+        self._queue.put(None)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+
+def build_store(out: str | Path, spec: BuildSpec, dataset, *, device: str = "auto", overwrite: bool = False,
+                memory_budget: int | None = None, progress: bool = True, command: str | None = None,
+                on_chunk_done: Callable[[int], None] | None = None) -> BuildReport:
+    """Build (or resume) the store ``out`` for ``spec`` on ``dataset`` and return a report.
+
+    ``on_chunk_done(chunk)`` is called after each chunk is durably written and marked done.
+    """
+    out = Path(out)
+    if spec.dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {spec.dtype!r}")
+    if spec.chunk_samples is not None and spec.chunk_samples <= 0:
+        raise ValueError(f"chunk_samples must be positive, got {spec.chunk_samples}")
+    torch_device = resolve_device(device)
+    disable_tf32()
+    dtype = DTYPES[spec.dtype]
+    model = create_model(spec.arch, spec.width, in_channels=dataset.in_channels, n_outputs=dataset.n_outputs,
+                         image_size=dataset.image_size, seed=spec.seed).to(device=torch_device, dtype=dtype)
+    n_params = sum(p.numel() for p in model.parameters())
+    itemsize = np.dtype(spec.dtype).itemsize
+    budget = memory_budget if memory_budget is not None else default_memory_budget(torch_device)
+    requested_chunk = spec.chunk_samples
+    if requested_chunk is None and out.exists() and not overwrite:
+        # Resume with the chunking the store was created with, whatever memory this machine has now.
+        with h5py.File(out, "r") as f:
+            if "chunk_samples" in f.attrs:
+                requested_chunk = int(f.attrs["chunk_samples"])
+    chunk_samples, chunk_rows, chunk_columns = choose_chunking(dataset.n_outputs, n_params, itemsize, budget,
+                                                               requested_chunk)
+    identity = store_identity(spec, dataset, n_params, chunk_samples)
+    splits = ["train", "test"] if spec.test_jacobian else ["train"]
+    n_rows = {s: getattr(dataset, s).x.shape[0] * dataset.n_outputs for s in splits}
+
+    if out.exists() and not overwrite:
+        with h5py.File(out, "r") as f:
+            _check_identity(out, f, identity)
+    else:
+        needed = sum(n_rows.values()) * n_params * itemsize
+        out.parent.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(out.parent).free + (out.stat().st_size if out.exists() else 0)
+        if needed > 0.98 * free:
+            raise StoreError(f"the store needs about {needed / 1e9:.3g} GB but {out.parent} has {free / 1e9:.3g} GB free; "
+                             f"free space, choose another --out, or reduce --n-train/--width")
+        if out.exists():
+            out.unlink()
+        _create_store(out, identity, model, dataset, spec, torch_device, chunk_rows, chunk_columns, command)
+
+    params = initial_parameters(model)
+    started, rows_built = time.perf_counter(), 0
+    with h5py.File(out, "r+") as f:
+        for split in splits:
+            rows_built += _build_split(f, split, getattr(dataset, split).x, model, params, chunk_samples,
+                                       dataset.n_outputs, torch_device, dtype, progress, on_chunk_done)
+    seconds = time.perf_counter() - started
+    return BuildReport(out, (n_rows["train"], n_params), itemsize, seconds, rows_built, str(torch_device))
+
+
+def _build_split(f: h5py.File, split: str, x: torch.Tensor, model, params, chunk_samples: int, n_outputs: int,
+                 device, dtype, progress: bool, on_chunk_done) -> int:
+    from tqdm.auto import tqdm
+
+    done = f[f"{split}/done"][()]
+    todo = np.flatnonzero(~done)
+    n_samples, n_params = x.shape[0], f[f"{split}/J"].shape[1]
+    row_bytes = n_params * f[f"{split}/J"].dtype.itemsize
+    rows_todo = sum(min(chunk_samples, n_samples - c * chunk_samples) for c in todo) * n_outputs
+    bar = tqdm(total=rows_todo, unit="row", unit_scale=True, desc=f"J[{split}]", disable=not progress,
+               initial=0, dynamic_ncols=True)
+    if done.any():
+        bar.write(f"resuming: {int(done.sum())} of {done.size} {split} chunks already done")
+    writer = _ChunkWriter(f, split, on_chunk_done)
+    started = time.perf_counter()
+    try:
+        for chunk in todo:
+            lo = int(chunk) * chunk_samples
+            hi = min(lo + chunk_samples, n_samples)
+            rows = jacobian_rows(model, params, x[lo:hi].to(device=device, dtype=dtype)).cpu().numpy()
+            writer.put(int(chunk), lo * n_outputs, rows)
+            bar.update(rows.shape[0])
+            bar.set_postfix_str(f"{bar.n * row_bytes / 1e9:.2f} GB, "
+                                f"{bar.n * row_bytes / 1e6 / max(time.perf_counter() - started, 1e-9):.0f} MB/s")
+    finally:
+        writer.close()
+        bar.close()
+    return rows_todo
+
+
+def _parser() -> argparse.ArgumentParser:
+    from study.data import add_data_arguments
+
+    parser = argparse.ArgumentParser(
+        prog="bin/build-jacobian",
+        description="Materialize the Jacobian J = ∇_w f(w0, X) of a network at its initialization into one HDF5 "
+                    "store, chunk by chunk. Resumable: rerun the same command after an interruption.",
+        epilog="Example: bin/build-jacobian --arch lenet --width 5 --dataset mnist --binary 0 --n-train 2000 "
+               "--out runs/lenet-w5.h5\nThe store's layout is documented in README.md ('The store format').",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    model = parser.add_argument_group("network")
+    model.add_argument("--arch", default="lenet", choices=available_models(), help="architecture (default lenet)")
+    model.add_argument("--width", type=float, default=1.0,
+                       help="width factor k: every hidden channel and unit count is multiplied by k (default 1)")
+    model.add_argument("--seed", type=int, default=0, help="seed of the initialization w0 (default 0)")
+    add_data_arguments(parser)
+    build = parser.add_argument_group("build")
+    build.add_argument("--out", required=True, type=Path, help="the HDF5 store to write (or resume)")
+    build.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="dtype of J (default float32)")
+    build.add_argument("--device", default="auto", help="auto (a GPU when present), cpu, cuda or cuda:N")
+    build.add_argument("--test-jacobian", action="store_true",
+                       help="also store the test set's Jacobian (not needed to evaluate: solvers use a jvp)")
+    build.add_argument("--chunk-samples", type=int, default=None,
+                       help="samples per build chunk (default: as many as --memory-budget allows)")
+    build.add_argument("--memory-budget", type=parse_bytes, default=None,
+                       help="memory for one chunk's computation, e.g. 2GiB (default: 2 GiB on the CPU, half the "
+                            "free memory on a GPU)")
+    build.add_argument("--overwrite", action="store_true", help="replace an existing store built from another spec")
+    build.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from study.data import DatasetError, dataset_from_args
+
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.width <= 0:
+        parser.error(f"--width must be positive, got {args.width}")
+    try:
+        dataset = dataset_from_args(args)
+        spec = BuildSpec(arch=args.arch, width=args.width, seed=args.seed, dtype=args.dtype,
+                         test_jacobian=args.test_jacobian, chunk_samples=args.chunk_samples)
+        command = " ".join(["bin/build-jacobian", *(sys.argv[1:] if argv is None else argv)])
+        report = build_store(args.out, spec, dataset, device=args.device, overwrite=args.overwrite,
+                             memory_budget=args.memory_budget, progress=not args.quiet, command=command)
+    except (DatasetError, StoreError, ValueError) as error:
+        print(f"build-jacobian: error: {error}", file=sys.stderr)
+        return 2
+    print(report)
+    with JacobianStore.open(report.path) as store:
+        print(store.summary())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
