@@ -1,0 +1,539 @@
+"""The Gram matrix K = J Jᵀ of a network at its current weights w0, without materializing J.
+
+K is n·L × n·L (rows sample-major: row i·L + l is output l of sample i, DESIGN.md) and
+K[(i,l), (j,m)] = ⟨∇_w f_l(w0, x_i), ∇_w f_m(w0, x_j)⟩. It is the tier-2 object of the design: any
+width, bounded by n. It is accumulated block by block over pairs of sample blocks (I, J), each block
+product computed in the model's dtype (float32) on the device and added into a float64 K on the
+host. :func:`gram_matrix` gives K(X, X) (only the blocks J ≤ I are computed, the rest mirrored);
+:func:`cross_gram_matrix` gives K(X1, X2) = J(X1) J(X2)ᵀ, the kernel needed to predict on new inputs.
+
+Implementations (:class:`GramImplementation`, dispatched through ``_implementation_to_fn``):
+
+- ``"structured"`` (default): one forward pass and L backward passes per block of samples give,
+  for every parametrized layer, its inputs and the gradients of each output with respect to its
+  outputs (Δ). Then, per layer kind:
+
+  * ``nn.Linear`` (2-D input): the per-row gradient of z = W a + b is δ ⊗ a (and δ for the bias),
+    so ⟨δ_il ⊗ a_i, δ_jm ⊗ a_j⟩ = (δ_il·δ_jm)(a_i·a_j) and the layer's share of K is
+    (Δ Δᵀ) ∘ (A Aᵀ + 1) with A Aᵀ broadcast over the outputs l, m. Cost O(n²·(fan_in + L²·fan_out)),
+    not O(n²·L²·fan_in·fan_out), and the layer's weight Jacobian is never formed.
+  * ``nn.Conv2d`` (groups 1, numeric zero padding): the per-row weight gradient is
+    Δ_il U_iᵀ with U_i = unfold(input_i) (C_in·k² × P patches), formed for the whole block by one
+    batched matmul, and K gets G_I G_Jᵀ. Why materialize here: the structured alternative
+    ⟨Δ_il U_iᵀ, Δ_jm U_jᵀ⟩ = Σ_pq (Δ_ilᵀ Δ_jm)_pq (U_iᵀ U_j)_pq costs about P²·C_out per row pair
+    against C_out·C_in·k² for the materialized product, and P² ≫ C_in·k² in LeNet and AlexNet
+    (LeNet conv1: P² = 784², C_in·k² = 25). Why unfold rather than ``vmap(jacrev)`` over the conv
+    parameters: the Δ are already there from the backward passes the linear layers need, so the
+    conv Jacobian is one batched matmul per layer instead of a second vectorized backward pass;
+    on LeNet×5 (CPU, 2 threads, 100 samples) unfold took 0.31 s against 0.69 s for ``vmap(jacrev)``
+    (``benchmarks/bench_gram.py --conv`` measures it).
+  * anything else that holds parameters (another layer type, a Linear on 3-D input, a Conv2d with
+    groups or string padding, a module called more than once per forward): per-layer Jacobians by
+    ``vmap(jacrev)`` restricted to those parameters, then G_I G_Jᵀ like the convolutions.
+
+  Wins whenever the parameters sit mostly in linear layers (every width of LeNet and AlexNet):
+  the dense fully connected weights that dominate p never enter a product.
+
+- ``"jacobian"``: the oracle. Materializes J in row blocks with
+  :func:`jacobian_store.functional.jacobian_rows` and sums J_I J_Jᵀ. Costs O(n²·L²·p) and
+  n·L·p·4 bytes per cached block; only wins for tiny models (no per-layer bookkeeping), and is
+  what the structured method is tested against.
+
+Assumption (both methods): samples do not interact in the forward pass (no batch statistics,
+e.g. BatchNorm in training mode), so a batch's outputs are the per-sample outputs.
+
+Memory: block sizes come from ``memory_budget`` (bytes for the features of the blocks alive at
+once; default: half the free GPU memory, or min(4 GiB, half the available RAM) on the CPU). When
+the features of all samples fit, every block is computed once; otherwise the outer block is kept
+and the inner blocks are recomputed, n_blocks·(n_blocks + 1)/2 feature computations in all.
+"""
+from __future__ import annotations
+
+import copy
+import enum
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, jacrev, vmap
+
+from .functional import initial_parameters, jacobian_rows
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["GramImplementation", "GramInfo", "gram_matrix", "cross_gram_matrix", "layer_plan"]
+
+# Columns per float32 product before the partial sum is added into float64: bounds the length of
+# float32 accumulations (rounding grows with it) at no measurable cost in speed.
+_COLUMN_CHUNK = 16384
+
+
+class GramImplementation(str, enum.Enum):
+    """How K = J Jᵀ is computed (see the module docstring for when each wins)."""
+    STRUCTURED = "structured"
+    JACOBIAN = "jacobian"
+
+
+@dataclass
+class GramInfo:
+    """What ran: recorded next to K so a result says how it was made."""
+    method: str
+    n_rows: tuple[int, int]
+    n_outputs: int
+    n_parameters: int
+    block_samples: int
+    n_blocks: tuple[int, int]
+    cached: bool
+    feature_computations: int
+    memory_budget: int
+    device: str
+    dtype: str
+    seconds: float
+    layers: dict[str, str] = field(default_factory=dict)  # module name → "linear" | "conv" | "generic"
+
+    def to_dict(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
+
+
+# --------------------------------------------------------------------------------------- layers
+
+@dataclass
+class _Layer:
+    name: str                     # module name ("" for the root)
+    kind: str                     # "linear" | "conv" | "generic"
+    module: nn.Module
+    param_names: list[str]        # full names, as in model.named_parameters()
+    n_params: int
+
+
+def layer_plan(model: nn.Module, x_probe: torch.Tensor) -> list[_Layer]:
+    """Classify every module that directly holds parameters, from one probe forward pass.
+
+    ``nn.Linear`` called once per forward on a 2-D input → "linear" (outer-product structure);
+    ``nn.Conv2d`` called once, groups 1, numeric zero padding → "conv" (unfold); any other module
+    holding parameters, or a shared parameter → "generic" (per-layer ``vmap(jacrev)``). Modules
+    never called contribute zero columns to J and are left out.
+    """
+    full_names = {id(p): name for name, p in model.named_parameters()}
+    owners: dict[int, int] = {}
+    for _, m in model.named_modules():
+        for _, p in m.named_parameters(recurse=False):
+            owners[id(p)] = owners.get(id(p), 0) + 1
+
+    candidates = []
+    for mname, m in model.named_modules():
+        own = [(pn, p) for pn, p in m.named_parameters(recurse=False)]
+        if own:
+            candidates.append((mname, m, own))
+
+    calls: dict[str, list[tuple]] = {mname: [] for mname, _, _ in candidates}
+    handles = []
+    for mname, m, _ in candidates:
+        handles.append(m.register_forward_hook(
+            lambda mod, inp, out, _n=mname: calls[_n].append(tuple(inp[0].shape) if inp and torch.is_tensor(inp[0]) else None)))
+    try:
+        with torch.no_grad():
+            model(x_probe)
+    finally:
+        for h in handles:
+            h.remove()
+
+    plan = []
+    for mname, m, own in candidates:
+        seen = calls[mname]
+        if not seen:
+            continue
+        names = [full_names[id(p)] for _, p in own if id(p) in full_names]
+        shared = any(owners[id(p)] > 1 for _, p in own)
+        kind = "generic"
+        if len(seen) == 1 and not shared and seen[0] is not None:
+            if type(m) is nn.Linear and len(seen[0]) == 2:
+                kind = "linear"
+            elif (type(m) is nn.Conv2d and len(seen[0]) == 4 and m.groups == 1
+                  and m.padding_mode == "zeros" and not isinstance(m.padding, str)):
+                kind = "conv"
+        plan.append(_Layer(mname, kind, m, names, sum(p.numel() for _, p in own)))
+    # Names owned by shared parameters may repeat across generic layers: keep each once.
+    taken: set[str] = set()
+    for layer in plan:
+        layer.param_names = [n for n in layer.param_names if not (n in taken or taken.add(n))]
+    return plan
+
+
+# ------------------------------------------------------------------------------------- features
+
+@dataclass
+class _Features:
+    """Per-block factors whose pairwise products sum to the block of K."""
+    rows: int                                   # b·L
+    dense: list[torch.Tensor]                   # (b·L, p_k) Jacobian pieces: G_I G_Jᵀ
+    linear: list[tuple[torch.Tensor, torch.Tensor, bool]]  # (A (b, fan_in), Δ (b·L, fan_out), has_bias)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.dense) + sum(
+            a.numel() * a.element_size() + d.numel() * d.element_size() for a, d, _ in self.linear)
+
+
+def _structured_features(model: nn.Module, plan: list[_Layer], params: dict[str, torch.Tensor],
+                         xb: torch.Tensor) -> _Features:
+    structured = [layer for layer in plan if layer.kind in ("linear", "conv")]
+    generic = [layer for layer in plan if layer.kind == "generic"]
+    captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def hook(mod, inp, out, _n):
+        captured[_n] = (inp[0].detach(), out)
+
+    handles = [layer.module.register_forward_hook(lambda m, i, o, _n=layer.name: hook(m, i, o, _n))
+               for layer in structured]
+    try:
+        with torch.enable_grad():
+            # Parameters requiring grad keep every layer output in the graph, whatever the caller's
+            # requires_grad flags are; autograd.grad below only walks paths to the layer outputs.
+            out = functional_call(model, {k: v.detach().requires_grad_(True) for k, v in params.items()}, (xb,))
+            batch, n_out = out.shape
+            deltas: list[list[torch.Tensor]] = [[] for _ in structured]
+            zs = [captured[layer.name][1] for layer in structured]
+            for l in range(n_out):
+                grads = torch.autograd.grad(out[:, l].sum(), zs, retain_graph=l < n_out - 1, allow_unused=True)
+                for k, g in enumerate(grads):
+                    deltas[k].append(torch.zeros_like(zs[k]) if g is None else g)
+    finally:
+        for h in handles:
+            h.remove()
+
+    dense, linear = [], []
+    for k, layer in enumerate(structured):
+        a = captured[layer.name][0]
+        delta = torch.stack(deltas[k], dim=1)  # (b, L, *out_shape): ∂f_l(x_i)/∂z_i
+        m = layer.module
+        if layer.kind == "linear":
+            linear.append((a, delta.reshape(batch * n_out, -1), m.bias is not None))
+        else:
+            c_out = m.out_channels
+            patches = F.unfold(a, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
+            d = delta.reshape(batch, n_out * c_out, -1)                     # (b, L·C_out, P)
+            # Per-row weight gradient Δ_il U_iᵀ; unfold orders columns (C_in, kh, kw) like the weight.
+            dense.append(torch.bmm(d, patches.transpose(1, 2)).reshape(batch * n_out, -1))
+            if m.bias is not None:
+                dense.append(d.sum(dim=2).reshape(batch * n_out, c_out))
+    if generic:
+        names = [n for layer in generic for n in layer.param_names]
+        dense.append(_partial_jacobian(model, params, names, xb))
+    del captured, deltas
+    return _Features(batch * n_out, dense, linear)
+
+
+def _partial_jacobian(model: nn.Module, params: dict[str, torch.Tensor], names: Sequence[str],
+                      xb: torch.Tensor) -> torch.Tensor:
+    """The columns of J(xb) for the parameters ``names`` only: (b·L) × Σ sizes, by vmap(jacrev)."""
+    fixed = {k: v for k, v in params.items() if k not in names}
+    sub = {k: params[k] for k in names}
+
+    def single_output(p, xi):
+        return functional_call(model, {**fixed, **p}, (xi.unsqueeze(0),)).squeeze(0)
+
+    per_tensor = vmap(jacrev(single_output), in_dims=(None, 0))(sub, xb)
+    batch, n_out = xb.shape[0], next(iter(per_tensor.values())).shape[1]
+    return torch.cat([j.reshape(batch, n_out, -1) for j in per_tensor.values()], dim=2).reshape(batch * n_out, -1)
+
+
+def _jacobian_features(model: nn.Module, plan, params: dict[str, torch.Tensor], xb: torch.Tensor) -> _Features:
+    rows = jacobian_rows(model, params, xb)
+    return _Features(rows.shape[0], [rows], [])
+
+
+def _block_gram(fi: _Features, fj: _Features, n_out: int) -> torch.Tensor:
+    """K block between two sample blocks, float64 on the features' device."""
+    out = torch.zeros(fi.rows, fj.rows, dtype=torch.float64, device=_device_of(fi, fj))
+    for gi, gj in zip(fi.dense, fj.dense):
+        for c in range(0, gi.shape[1], _COLUMN_CHUNK):
+            out += (gi[:, c:c + _COLUMN_CHUNK] @ gj[:, c:c + _COLUMN_CHUNK].T).double()
+    bi, bj = fi.rows // n_out, fj.rows // n_out
+    view = out.view(bi, n_out, bj, n_out)
+    for (ai, di, bias), (aj, dj, _) in zip(fi.linear, fj.linear):
+        aa = (ai @ aj.T).double()                              # a_i·a_j
+        if bias:
+            aa += 1.0                                           # the bias's share: δ_il·δ_jm
+        dd = (di @ dj.T).double().view(bi, n_out, bj, n_out)   # δ_il·δ_jm
+        view += dd * aa[:, None, :, None]
+    return out
+
+
+def _device_of(fi: _Features, fj: _Features) -> torch.device:
+    for t in fi.dense + [a for a, _, _ in fi.linear]:
+        return t.device
+    return torch.device("cpu")
+
+
+# ---------------------------------------------------------------------------------- scheduling
+
+def _structured_bytes_per_sample(plan: list[_Layer], probe: dict, n_out: int, itemsize: int) -> int:
+    """Bytes of features kept per sample, plus the transient peak of computing them."""
+    kept = transient = 0
+    for layer in plan:
+        in_numel, out_numel = probe[layer.name]
+        if layer.kind == "linear":
+            kept += in_numel + n_out * out_numel
+        elif layer.kind == "conv":
+            kept += n_out * layer.n_params
+            m = layer.module
+            c_in_k2 = layer.n_params // m.out_channels - (1 if m.bias is not None else 0)
+            positions = out_numel // m.out_channels
+            transient = max(transient, c_in_k2 * positions + 2 * n_out * out_numel)
+        else:
+            kept += n_out * layer.n_params
+            transient = max(transient, 2 * n_out * layer.n_params)  # jacrev's per-tensor pieces + cat
+    # The forward graph and the L gradients of every layer output (stacked once more).
+    transient += 3 * n_out * probe["__activations__"]
+    return itemsize * (kept + transient), itemsize * kept
+
+
+def _probe_shapes(model: nn.Module, plan: list[_Layer], x_probe: torch.Tensor) -> dict:
+    sizes: dict = {}
+    total = [0]
+    handles = []
+    for layer in plan:
+        handles.append(layer.module.register_forward_hook(
+            lambda m, i, o, _n=layer.name: sizes.__setitem__(_n, (i[0][0].numel(), o[0].numel()))))
+    for m in model.modules():
+        if not list(m.children()):
+            handles.append(m.register_forward_hook(
+                lambda m, i, o: total.__setitem__(0, total[0] + (o[0].numel() if torch.is_tensor(o) else 0))))
+    try:
+        with torch.no_grad():
+            model(x_probe)
+    finally:
+        for h in handles:
+            h.remove()
+    sizes["__activations__"] = total[0]
+    return sizes
+
+
+def _default_budget(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(0.5 * free)
+    available = None
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+                    break
+    except OSError:
+        pass
+    cap = 4 << 30
+    return cap if available is None else int(min(cap, 0.5 * available))
+
+
+def _accumulate(feature_fn: Callable, model, plan, params, x1: torch.Tensor, x2: torch.Tensor | None,
+                n_out: int, block: int, cache: bool, device: torch.device, progress: bool, desc: str):
+    """Sum the block products into a float64 host array; returns (K, feature computations)."""
+    from tqdm.auto import tqdm
+
+    symmetric = x2 is None
+    xs2 = x1 if symmetric else x2
+    starts1 = list(range(0, x1.shape[0], block))
+    starts2 = list(range(0, xs2.shape[0], block))
+    K = np.zeros((x1.shape[0] * n_out, xs2.shape[0] * n_out), dtype=np.float64)
+    count = [0]
+
+    def features(x, s):
+        count[0] += 1
+        return feature_fn(model, plan, params, x[s:s + block].to(device))
+
+    pairs = [(i, j) for i in range(len(starts1)) for j in range(len(starts2)) if not symmetric or j <= i]
+    bar = tqdm(total=len(pairs), desc=desc, disable=not progress, unit="block")
+    cache2: dict[int, _Features] = {}
+    if cache and not symmetric:
+        cache2 = {j: features(xs2, s) for j, s in enumerate(starts2)}
+    cache1: dict[int, _Features] = {}
+    for i, si in enumerate(starts1):
+        fi = cache1.get(i) or features(x1, si)
+        if cache and symmetric:
+            cache1[i] = fi
+        for j, sj in enumerate(starts2):
+            if symmetric and j > i:
+                break
+            if symmetric and j == i:
+                fj = fi
+            elif cache:
+                fj = (cache1 if symmetric else cache2)[j]
+            else:
+                fj = features(xs2, sj)
+            blk = _block_gram(fi, fj, n_out).cpu().numpy()
+            r, c = si * n_out, sj * n_out
+            K[r:r + blk.shape[0], c:c + blk.shape[1]] = blk
+            if symmetric and j != i:
+                K[c:c + blk.shape[1], r:r + blk.shape[0]] = blk.T
+            bar.update()
+            del fj
+    bar.close()
+    if symmetric:
+        # Diagonal blocks come from one float32 product each and are symmetric to rounding only.
+        K += K.T
+        K *= 0.5
+    return K, count[0]
+
+
+# ------------------------------------------------------------------------------------- public
+
+def _resolve_device(model: nn.Module, device) -> torch.device:
+    if device is None:
+        p = next(model.parameters(), None)
+        return p.device if p is not None else torch.device("cpu")
+    if isinstance(device, str) and device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _as_batch(x, name: str, dtype: torch.dtype) -> torch.Tensor:
+    if isinstance(x, np.ndarray):
+        x = torch.from_numpy(x)
+    if not torch.is_tensor(x):
+        raise TypeError(f"{name} must be a torch.Tensor or numpy array of inputs (n, ...), got {type(x).__name__}")
+    if x.ndim < 2:
+        raise ValueError(f"{name} must be a batch of inputs with shape (n, ...), e.g. (n, C, H, W) images; "
+                         f"got shape {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(x.shape)}); pass at least one sample")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must hold floating-point inputs, got dtype {x.dtype}")
+    return x.detach().to(dtype)
+
+
+def _prepare(model, x1, x2, method, block_samples, device, memory_budget):
+    try:
+        implementation = GramImplementation(method)
+    except ValueError:
+        raise ValueError(f"unknown Gram method {method!r}; choose one of "
+                         f"{', '.join(repr(m.value) for m in GramImplementation)}") from None
+    if next(model.parameters(), None) is None:
+        raise ValueError(f"{type(model).__name__} has no parameters, so J has no columns and K is empty")
+    if block_samples is not None and not (isinstance(block_samples, int) and block_samples > 0):
+        raise ValueError(f"block_samples must be a positive integer or None (chosen from the memory budget), "
+                         f"got {block_samples!r}")
+    dev = _resolve_device(model, device)
+    dtype = next(model.parameters()).dtype
+    x1 = _as_batch(x1, "x", dtype)
+    x2 = None if x2 is None else _as_batch(x2, "x2", dtype)
+    if x2 is not None and tuple(x2.shape[1:]) != tuple(x1.shape[1:]):
+        raise ValueError(f"x and x2 must hold inputs of the same shape, got {tuple(x1.shape[1:])} and {tuple(x2.shape[1:])}")
+    if next(model.parameters()).device != dev:
+        model = copy.deepcopy(model).to(dev)
+    probe = x1[:1].to(dev)
+    try:
+        with torch.no_grad():
+            out = model(probe)
+    except Exception as err:  # a wrong input shape surfaces here as a shape error deep in the model
+        raise ValueError(f"{type(model).__name__} cannot be evaluated on inputs of shape {tuple(x1.shape[1:])} "
+                         f"(x has shape {tuple(x1.shape)}; expected a batch (n, C, H, W) the model accepts): {err}") from err
+    if out.ndim != 2:
+        raise ValueError(f"the model must return a (batch, L) tensor of outputs, got shape {tuple(out.shape)} "
+                         f"for a batch of one")
+    n_out = out.shape[1]
+    plan = layer_plan(model, probe)
+    budget = _default_budget(dev) if memory_budget is None else int(memory_budget)
+    return implementation, model, x1, x2, dev, dtype, probe, n_out, plan, budget
+
+
+def _choose_blocks(implementation, model, plan, probe, n_out, itemsize, n_total, n_params, budget,
+                   block_samples) -> tuple[int, bool]:
+    """Block size and whether all features are cached, from the memory budget.
+
+    The features of all samples are cached when they fit in half the budget (one pass of feature
+    computations). Otherwise two blocks must be alive at once, with their transients.
+    """
+    if implementation is GramImplementation.STRUCTURED:
+        per_sample, kept = _structured_bytes_per_sample(plan, _probe_shapes(model, plan, probe), n_out, itemsize)
+    else:
+        kept = itemsize * n_out * n_params
+        per_sample = 3 * kept  # jacrev's per-tensor Jacobians, the concatenation, the graph
+    if block_samples is None:
+        block_samples = max(1, min(n_total, int(budget // (2 * per_sample))))
+        if n_total * kept <= budget // 2:
+            # Everything cached: blocks only need to bound the transient of one computation.
+            block_samples = max(1, min(n_total, int((budget // 2) // per_sample)))
+    cache = n_total * kept + 2 * block_samples * per_sample <= budget
+    return block_samples, cache
+
+
+def gram_matrix(model: nn.Module, x, *, method: str | GramImplementation = "structured",
+                block_samples: int | None = None, device=None, progress: bool = True,
+                memory_budget: int | None = None, return_info: bool = False):
+    """K = J(X) J(X)ᵀ at the model's current weights: an (n·L × n·L) float64 array, sample-major.
+
+    Parameters
+    ----------
+    model : nn.Module mapping a batch (n, ...) to outputs (n, L); its weights are w0.
+    x : inputs, (n, ...) tensor or array.
+    method : "structured" (default; J never formed) or "jacobian" (J materialized in row blocks; the
+        oracle). See :class:`GramImplementation`.
+    block_samples : samples per block; default chosen from ``memory_budget``.
+    device : where the float32 work runs: None (the model's device), "auto", "cpu", "cuda", ….
+        The model is copied there if needed; the caller's model is not moved.
+    progress : tqdm progress bar over block pairs.
+    memory_budget : bytes for the features alive at once (see the module docstring).
+    return_info : also return a :class:`GramInfo` saying what ran.
+    """
+    return _run(model, x, None, method, block_samples, device, progress, memory_budget, return_info)
+
+
+def cross_gram_matrix(model: nn.Module, x1, x2, *, method: str | GramImplementation = "structured",
+                      block_samples: int | None = None, device=None, progress: bool = True,
+                      memory_budget: int | None = None, return_info: bool = False):
+    """K(X1, X2) = J(X1) J(X2)ᵀ: (n1·L × n2·L) float64, rows and columns sample-major.
+
+    With α solving K(X, X) α = r, kernel predictions on new inputs are K(X_new, X) α = J(X_new) u for
+    u = J(X)ᵀ α. Same arguments as :func:`gram_matrix`.
+    """
+    return _run(model, x1, x2, method, block_samples, device, progress, memory_budget, return_info)
+
+
+def _run(model, x1, x2, method, block_samples, device, progress, memory_budget, return_info):
+    t0 = time.perf_counter()
+    implementation, model, x1, x2, dev, dtype, probe, n_out, plan, budget = _prepare(
+        model, x1, x2, method, block_samples, device, memory_budget)
+    n_params = sum(p.numel() for p in model.parameters())
+    n_total = x1.shape[0] + (0 if x2 is None else x2.shape[0])
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    block, cache = _choose_blocks(implementation, model, plan, probe, n_out, itemsize, n_total, n_params,
+                                  budget, block_samples)
+    params = initial_parameters(model)
+    K, computations = _implementation_to_fn[implementation](model, plan, params, x1, x2, n_out, block, cache,
+                                                              dev, progress)
+    info = GramInfo(method=implementation.value, n_rows=(K.shape[0], K.shape[1]), n_outputs=n_out,
+                    n_parameters=n_params, block_samples=block,
+                    n_blocks=(math.ceil(x1.shape[0] / block), math.ceil((x1 if x2 is None else x2).shape[0] / block)),
+                    cached=cache, feature_computations=computations, memory_budget=budget, device=str(dev),
+                    dtype=str(dtype).replace("torch.", ""), seconds=time.perf_counter() - t0,
+                    layers={(layer.name or "<root>"): layer.kind for layer in plan})
+    logger.info("gram %s: %d×%d in %.1f s (blocks of %d samples, cached=%s, %d feature computations)",
+                info.method, K.shape[0], K.shape[1], info.seconds, block, cache, computations)
+    return (K, info) if return_info else K
+
+
+def _gram_structured(model, plan, params, x1, x2, n_out, block, cache, device, progress):
+    """Outer-product structure for linear layers, unfold Jacobians for convolutions (module docstring)."""
+    with torch.no_grad():
+        return _accumulate(_structured_features, model, plan, params, x1, x2, n_out, block, cache, device,
+                           progress, "gram (structured)")
+
+
+def _gram_jacobian(model, plan, params, x1, x2, n_out, block, cache, device, progress):
+    """J materialized in row blocks by jacobian_rows; K_IJ = J_I J_Jᵀ. The oracle."""
+    return _accumulate(_jacobian_features, model, plan, params, x1, x2, n_out, block, cache, device,
+                       progress, "gram (jacobian)")
+
+
+_implementation_to_fn = {
+    GramImplementation.STRUCTURED: _gram_structured,
+    GramImplementation.JACOBIAN: _gram_jacobian,
+}
