@@ -279,9 +279,11 @@ def build_store(out: str | Path, spec: BuildSpec, dataset, *, device: str = "aut
     requested_chunk = spec.chunk_samples
     if requested_chunk is None and out.exists() and not overwrite:
         # Resume with the chunking the store was created with, whatever memory this machine has now.
-        with h5py.File(out, "r") as f:
-            if "chunk_samples" in f.attrs:
-                requested_chunk = int(f.attrs["chunk_samples"])
+        try:
+            with h5py.File(out, "r") as f:
+                requested_chunk = int(f.attrs["chunk_samples"]) if "chunk_samples" in f.attrs else None
+        except OSError:
+            pass  # not an HDF5 file: refused below with a clear message
     chunk_samples, chunk_rows, chunk_columns = choose_chunking(dataset.n_outputs, n_params, itemsize, budget,
                                                                requested_chunk)
     identity = store_identity(spec, dataset, n_params, chunk_samples)
@@ -289,8 +291,13 @@ def build_store(out: str | Path, spec: BuildSpec, dataset, *, device: str = "aut
     n_rows = {s: getattr(dataset, s).x.shape[0] * dataset.n_outputs for s in splits}
 
     if out.exists() and not overwrite:
-        with h5py.File(out, "r") as f:
-            _check_identity(out, f, identity)
+        try:
+            existing = h5py.File(out, "r")
+        except OSError:
+            raise StoreError(f"{out} exists and is not an HDF5 file, so not a lincnn store; choose another --out "
+                             f"(or pass --overwrite to replace it)") from None
+        with existing:
+            _check_identity(out, existing, identity)
     else:
         needed = sum(n_rows.values()) * n_params * itemsize
         out.parent.mkdir(parents=True, exist_ok=True)
