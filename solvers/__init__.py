@@ -1,0 +1,14 @@
+"""Solvers for the linearized network: fit u in J u = r = y − f(w0, X), each method a regularizer.
+
+``solve(J, r, method="lstsq" | "ridge" | "cg" | "rsvd" | "sgd" | "auto", **options)`` returns a
+:class:`SolveResult`; ``solve_path`` sweeps a method's knob from one factorization or one run.
+``J`` is a :class:`RowBlockOperator` (the HDF5 store's row-chunk operator), or an array.
+"""
+from .api import METHOD_OPTIONS, METHODS, PATH_KNOBS, solve, solve_path
+from .cg import ConvergenceWarning
+from .memory import MemoryLimitError
+from .operators import ArrayRowOperator, RowBlockOperator, as_row_operator
+from .result import SolveResult
+
+__all__ = ["solve", "solve_path", "SolveResult", "RowBlockOperator", "ArrayRowOperator", "as_row_operator",
+           "METHODS", "METHOD_OPTIONS", "PATH_KNOBS", "MemoryLimitError", "ConvergenceWarning"]

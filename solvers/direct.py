@@ -1,0 +1,220 @@
+"""Direct methods through one float64 Gram matrix: minimum-norm least squares and ridge.
+
+Both work in whichever form is smaller (``form="auto"``):
+
+- dual, when n·L ≤ p: K = J Jᵀ (n·L × n·L), accumulated block pair by block pair; u = Jᵀ α;
+- primal, when n·L > p: JᵀJ (p × p), accumulated in one pass; u solves the normal equations.
+
+**lstsq** returns the minimum-norm minimizer of ‖J u − r‖₂ through the eigendecomposition
+K = V diag(w) Vᵀ with a cut-off, so rank deficiency gives the pseudo-inverse, not garbage:
+
+    keep i  ⇔  w_i > rcond² · w_max   (equivalently σ_i > rcond · σ_max, σ_i = √w_i)
+    dual:   α = V_k diag(1/w_k) V_kᵀ r,   u = Jᵀ α,   J u = V_k V_kᵀ r
+    primal: u = V_k diag(1/w_k) V_kᵀ Jᵀ r
+
+The default ``rcond = √(max(n·L, p) · ε₆₄)`` is numpy's ``matrix_rank`` tolerance applied to the
+eigenvalues of the Gram matrix, whose rounding (float64 accumulation over p or n·L terms, then the
+eigensolver) is of order max(n·L, p)·ε₆₄·w_max; directions below it are rounding, not signal. In
+σ terms that is ≈ 3.7e-6·σ_max for a 2,000 × 61,706 J, where LAPACK ``gelsd`` on J itself keeps
+down to ε·σ_max: the two answers differ by the components of u along directions with σ between the
+two cut-offs (tiny in J u, since those directions carry σ_i·|u_i|, visible in u).
+``driver="gelsd" | "gelsy" | "gelss"`` instead holds J in memory and calls ``scipy.linalg.lstsq``
+(float64 LAPACK, ``cond=rcond``), for checking.
+
+**ridge** returns argmin ‖J u − r‖² + λ‖u‖²:
+
+    dual:   α = (K + λI)⁻¹ r,   u = Jᵀ α,   J u = K α
+    primal: u = (JᵀJ + λI)⁻¹ Jᵀ r
+
+by Cholesky (one λ on the CPU), falling back to the eigendecomposition when Cholesky finds the
+shifted matrix not positive definite (λ at rounding level of w_max). ``ridge_path`` factors once
+(eigendecomposition) and serves every λ: α(λ) = V diag(1/(w + λ)) Vᵀ r, with w clipped at 0.
+λ = 0 is the pseudo-inverse above.
+"""
+from __future__ import annotations
+
+import numpy as np
+import scipy.linalg
+
+from ._xp import module_for_device, scalar, to_numpy
+from .result import SolveResult
+
+EPS64 = np.finfo(np.float64).eps
+FORMS = ("auto", "dual", "primal")
+DRIVERS = ("gelsd", "gelsy", "gelss")
+
+
+def default_rcond(shape) -> float:
+    """Singular-value cut-off, relative to σ_max, used by the Gram-matrix methods."""
+    return float(np.sqrt(max(shape) * EPS64))
+
+
+def resolve_form(form: str, shape) -> str:
+    """"auto" → the smaller Gram matrix: dual (J Jᵀ) when n·L ≤ p, else primal (JᵀJ)."""
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {', '.join(FORMS)}; got {form!r}")
+    if form == "auto":
+        return "dual" if shape[0] <= shape[1] else "primal"
+    return form
+
+
+def gram_for_form(op, form: str, *, device: str, panel_bytes=None, progress=False):
+    if form == "dual":
+        return op.gram(device=device, panel_bytes=panel_bytes, progress=progress)
+    return op.normal_matrix(device=device, progress=progress)
+
+
+def eigh_descending(A, xp):
+    """Eigenvalues (descending) and eigenvectors of the symmetric A; A is overwritten on the CPU."""
+    if xp is np:
+        w, V = scipy.linalg.eigh(A, overwrite_a=True, check_finite=False)
+    else:
+        w, V = xp.linalg.eigh(A)
+    return w[::-1], V[:, ::-1]
+
+
+def _spectrum_extras(w, keep, rcond, xp) -> dict:
+    w_host = to_numpy(w)
+    return {
+        "singular_values": np.sqrt(np.clip(w_host, 0.0, None)),
+        "rank": int(scalar(keep.sum())) if keep is not None else int(w_host.size),
+        "rcond": rcond,
+        "eigenvalue_cutoff": float(rcond ** 2 * max(w_host[0], 0.0)) if w_host.size else 0.0,
+        "n_negative_eigenvalues": int((w_host < 0).sum()),
+    }
+
+
+def _pinv_coefficients(w, c, rcond, xp):
+    """c_i / w_i on the kept eigenvalues (w_i > rcond²·w_max), 0 elsewhere; and the kept mask."""
+    w_max = scalar(w[0]) if w.size else 0.0
+    keep = w > (rcond ** 2) * w_max if w_max > 0 else xp.zeros(w.shape, dtype=bool)
+    coef = xp.where(keep, c / xp.where(keep, w, 1.0), 0.0)
+    return coef, keep
+
+
+def _solve_lstsq(op, r, *, form="auto", driver=None, rcond=None, panel_bytes=None, device="cpu",
+                 progress=False) -> SolveResult:
+    if driver is not None:
+        return _solve_lstsq_lapack(op, r, driver=driver, rcond=rcond)
+    xp = module_for_device(device)
+    form = resolve_form(form, op.shape)
+    rcond = default_rcond(op.shape) if rcond is None else float(rcond)
+    A = gram_for_form(op, form, device=device, panel_bytes=panel_bytes, progress=progress)
+    w, V = eigh_descending(A, xp)
+    del A
+    if form == "dual":
+        coef, keep = _pinv_coefficients(w, V.T @ r, rcond, xp)
+        alpha = V @ coef
+        u = op.rmatvec(alpha)
+        fitted = V @ xp.where(keep, V.T @ r, 0.0)  # J u = K α = V_k V_kᵀ r
+    else:
+        coef, keep = _pinv_coefficients(w, V.T @ op.rmatvec(r), rcond, xp)
+        u = V @ coef
+        fitted = op.matvec(u)
+    return finish(op, r, u, fitted, method="lstsq", form=form, converged=True,
+                  stop_reason="direct solve", n_iter=0, extras=_spectrum_extras(w, keep, rcond, xp))
+
+
+def _solve_lstsq_lapack(op, r, *, driver, rcond) -> SolveResult:
+    if driver not in DRIVERS:
+        raise ValueError(f"driver must be one of {', '.join(DRIVERS)} or None (the Gram-matrix path); got {driver!r}")
+    J = op.to_dense()
+    r_host = to_numpy(r)
+    # float64 LAPACK whatever J's dtype: scipy promotes a float32 J to r's float64
+    u, _, rank, sv = scipy.linalg.lstsq(J, r_host, cond=rcond, lapack_driver=driver, check_finite=False)
+    fitted = J @ u
+    extras = {"rank": int(rank), "rcond": rcond if rcond is not None else "LAPACK default (ε of float64)"}
+    if sv is not None:
+        extras["singular_values"] = sv
+    return finish(op, r_host, u, fitted, method="lstsq", form=driver, converged=True,
+                  stop_reason="direct solve (LAPACK)", n_iter=0, extras=extras)
+
+
+def _solve_ridge(op, r, *, lam, form="auto", factorization="auto", panel_bytes=None, device="cpu",
+                 progress=False) -> SolveResult:
+    xp = module_for_device(device)
+    form = resolve_form(form, op.shape)
+    lam = float(lam)
+    if factorization not in ("auto", "cholesky", "eigh"):
+        raise ValueError(f"factorization must be 'auto', 'cholesky' or 'eigh'; got {factorization!r}")
+    # auto: Cholesky for one λ > 0 on the CPU (≈ 1/10 the cost of an eigendecomposition);
+    # λ = 0 needs the pseudo-inverse, and CuPy's Cholesky does not report failure, so eigh there.
+    if factorization == "auto":
+        factorization = "cholesky" if (lam > 0 and xp is np) else "eigh"
+    if factorization == "cholesky" and xp is not np:
+        raise ValueError("factorization='cholesky' runs on the CPU only; use factorization='eigh' or device='cpu'")
+    A = gram_for_form(op, form, device=device, panel_bytes=panel_bytes, progress=progress)
+    b = r if form == "dual" else op.rmatvec(r)
+    extras = {"lambda": lam, "factorization": factorization}
+    coef = None
+    if factorization == "cholesky":
+        A[np.diag_indices_from(A)] += lam
+        try:
+            coef = scipy.linalg.cho_solve(scipy.linalg.cho_factor(A, check_finite=False), b, check_finite=False)
+        except np.linalg.LinAlgError as err:
+            # K + λI is not numerically positive definite: λ is at rounding level. Fall back to the
+            # eigendecomposition, where negative rounding eigenvalues are clipped to 0.
+            extras["factorization"] = f"eigh (cholesky failed: {err})"
+        A[np.diag_indices_from(A)] -= lam
+        if coef is not None:
+            fitted_dual = A @ coef if form == "dual" else None
+    if coef is None:
+        w, V = eigh_descending(A, xp)
+        if lam > 0:
+            coef = V @ ((V.T @ b) / (xp.clip(w, 0.0, None) + lam))
+        else:
+            rcond = default_rcond(op.shape)
+            c, _ = _pinv_coefficients(w, V.T @ b, rcond, xp)
+            coef = V @ c
+            extras["rcond"] = rcond
+        extras["singular_values"] = np.sqrt(np.clip(to_numpy(w), 0.0, None))
+        fitted_dual = (V @ (w * (V.T @ coef))) if form == "dual" else None
+    del A
+    if form == "dual":
+        u, fitted = op.rmatvec(coef), fitted_dual
+    else:
+        u = coef
+        fitted = op.matvec(u)
+    return finish(op, r, u, fitted, method="ridge", form=form, converged=True, stop_reason="direct solve",
+                  n_iter=0, extras=extras)
+
+
+def ridge_path(op, r, lambdas, *, form="auto", panel_bytes=None, device="cpu", progress=False):
+    """Ridge solutions for every λ in ``lambdas`` from one eigendecomposition (and one more pass
+    over J for all the u's or all the J u's together). Returns a list of SolveResult."""
+    xp = module_for_device(device)
+    form = resolve_form(form, op.shape)
+    lambdas = [float(lam) for lam in lambdas]
+    A = gram_for_form(op, form, device=device, panel_bytes=panel_bytes, progress=progress)
+    w, V = eigh_descending(A, xp)
+    del A
+    b = r if form == "dual" else op.rmatvec(r)
+    c = V.T @ b
+    w_clip = xp.clip(w, 0.0, None)
+    rcond = default_rcond(op.shape)
+    coefs = []
+    for lam in lambdas:
+        coefs.append(_pinv_coefficients(w, c, rcond, xp)[0] if lam == 0 else c / (w_clip + lam))
+    C = xp.stack(coefs, axis=1)  # eigen-coefficients, one column per λ
+    if form == "dual":
+        U = op.rmatmat(V @ C)    # u(λ) = Jᵀ α(λ), every λ in one pass
+        F = V @ (w_clip[:, None] * C)
+    else:
+        U = V @ C
+        F = op.matmat(U)         # J u(λ), every λ in one pass
+    sv = np.sqrt(to_numpy(w_clip))
+    return [finish(op, r, U[:, j], F[:, j], method="ridge", form=form, converged=True,
+                   stop_reason="direct solve (shared eigendecomposition)", n_iter=0,
+                   extras={"lambda": lam, "factorization": "eigh", "singular_values": sv})
+            for j, lam in enumerate(lambdas)]
+
+
+def finish(op, r, u, fitted, *, method, form, converged, stop_reason, n_iter, extras) -> SolveResult:
+    """Assemble a SolveResult; J u is computed (one pass) when the method did not provide it."""
+    xp = np if isinstance(u, np.ndarray) else module_for_device("cuda")
+    if fitted is None:
+        fitted = op.matvec(u)
+    r = xp.asarray(r)
+    return SolveResult(u=u, method=method, converged=bool(converged), stop_reason=stop_reason, n_iter=int(n_iter),
+                       residual_norm=scalar(xp.linalg.norm(fitted - r)), u_norm=scalar(xp.linalg.norm(u)),
+                       rhs_norm=scalar(xp.linalg.norm(r)), form=form, extras=extras, fitted=fitted)

@@ -1,0 +1,89 @@
+"""Truncated SVD regularization through a randomized SVD of J (Halko, Martinsson & Tropp 2011).
+
+Range finder with oversampling and subspace (power) iterations, Algorithms 4.4 and 5.1 of HMT:
+
+    Ω ~ N(0, 1)^{p × ℓ}, ℓ = min(k + oversample, n·L, p), drawn from numpy.random.default_rng(seed)
+    Q = orth(J Ω);  repeat power_iter times: Q = orth(J orth(Jᵀ Q))
+    Bᵀ = Jᵀ Q  (p × ℓ);  Bᵀ = W Σ Zᵀ  (thin SVD)  ⇒  J ≈ Q B = (Q Z) Σ Wᵀ
+    U_k = (Q Z)[:, :k],  V_k = W[:, :k],  Σ_k
+
+and the rank-k truncated solution (the rank k is the regularizer)
+
+    u = V_k Σ_k⁻¹ U_kᵀ r,   over the σ_i > rcond · σ_1 among the first k,
+
+with ``rcond = max(n·L, p) · ε₆₄`` by default (numpy's ``matrix_rank`` tolerance), so asking for
+more directions than J has gives the pseudo-inverse rather than a division by rounding noise.
+Cost: 2 + 2·power_iter passes over J, plus one more for J u. Memory: Ω, J Ω and Bᵀ, i.e.
+about (2p + 2n·L)·ℓ float64 numbers, besides one row block. At k = min(n·L, p) the range finder
+spans all of range(J) and u is the minimum-norm least-squares solution. ``rsvd_path`` serves every
+rank from one decomposition at the largest.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ._xp import module_for_device, scalar, to_numpy
+from .direct import EPS64, finish
+
+
+def _orth(Y, xp):
+    """An orthonormal basis of range(Y) (thin QR)."""
+    Q, _ = xp.linalg.qr(Y)
+    return Q
+
+
+def randomized_svd(op, rank: int, *, oversample: int = 10, power_iter: int = 2, seed: int = 0,
+                   device: str = "cpu"):
+    """(U_k, σ_k, V_k) of J at rank ``rank``; J ≈ U_k diag(σ_k) V_kᵀ. See the module docstring."""
+    xp = module_for_device(device)
+    m, p = op.shape
+    ell = min(rank + oversample, m, p)
+    # Ω is drawn on the host, so a seed gives the same test matrix on every device
+    omega = xp.asarray(np.random.default_rng(seed).standard_normal((p, ell)))
+    Q = _orth(op.matmat(omega), xp)
+    del omega
+    for _ in range(power_iter):
+        Q = _orth(op.matmat(_orth(op.rmatmat(Q), xp)), xp)
+    Bt = op.rmatmat(Q)
+    W, sigma, Zt = xp.linalg.svd(Bt, full_matrices=False)
+    del Bt
+    U = Q @ Zt.T
+    return U[:, :rank], sigma[:rank], W[:, :rank]
+
+
+def _truncated_coefficients(U, sigma, r, rcond, xp):
+    """Σ⁻¹ Uᵀ r on the kept singular values (σ_i > rcond·σ_1), 0 elsewhere; and the kept count."""
+    s1 = scalar(sigma[0]) if sigma.size else 0.0
+    keep = sigma > rcond * s1 if s1 > 0 else xp.zeros(sigma.shape, dtype=bool)
+    return xp.where(keep, (U.T @ r) / xp.where(keep, sigma, 1.0), 0.0), int(scalar(keep.sum()))
+
+
+def _solve_rsvd(op, r, *, rank, oversample=10, power_iter=2, seed=0, rcond=None, device="cpu",
+                progress=False):
+    xp = module_for_device(device)
+    rcond = max(op.shape) * EPS64 if rcond is None else float(rcond)
+    U, sigma, V = randomized_svd(op, rank, oversample=oversample, power_iter=power_iter, seed=seed, device=device)
+    coef, kept = _truncated_coefficients(U, sigma, xp.asarray(r), rcond, xp)
+    u = V @ coef
+    extras = {"rank": rank, "effective_rank": kept, "singular_values": to_numpy(sigma), "rcond": rcond,
+              "oversample": oversample, "power_iter": power_iter, "seed": seed}
+    return finish(op, r, u, None, method="rsvd", form="randomized", converged=True, stop_reason="direct solve",
+                  n_iter=power_iter, extras=extras)
+
+
+def rsvd_path(op, r, ranks, *, oversample=10, power_iter=2, seed=0, rcond=None, device="cpu", progress=False):
+    """Truncated-SVD solutions at every rank in ``ranks`` from one randomized SVD at the largest."""
+    xp = module_for_device(device)
+    ranks = [int(k) for k in ranks]
+    rcond = max(op.shape) * EPS64 if rcond is None else float(rcond)
+    U, sigma, V = randomized_svd(op, max(ranks), oversample=oversample, power_iter=power_iter, seed=seed,
+                                 device=device)
+    coef, _ = _truncated_coefficients(U, sigma, xp.asarray(r), rcond, xp)
+    sols = xp.stack([V[:, :k] @ coef[:k] for k in ranks], axis=1)
+    F = op.matmat(sols)  # J u for every rank in one pass
+    sv = to_numpy(sigma)
+    return [finish(op, r, sols[:, j], F[:, j], method="rsvd", form="randomized", converged=True,
+                   stop_reason="direct solve (shared randomized SVD)", n_iter=power_iter,
+                   extras={"rank": k, "effective_rank": int((sv[:k] > rcond * sv[0]).sum()) if sv.size else 0,
+                           "singular_values": sv[:k], "rcond": rcond})
+            for j, k in enumerate(ranks)]
