@@ -502,30 +502,33 @@ def build_parser() -> argparse.ArgumentParser:
                     "f_lin(u, x) = f(w0, x) + J(x) u (matrix-free: one jvp and one vjp per batch), "
                     "with SGD + momentum on the L2 loss to one-hot targets. Both models of a pair start from "
                     "the same w0 (--seed) and visit the same mini-batches.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        epilog="Example: bin/train --dataset mnist --n-train 1000 --arch lenet --width 5 --model both "
+               "--epochs 20 --lr 0.01 --out runs/lenet5. Rerunning the same command resumes from the last "
+               "completed epoch; --epochs N on a finished run continues it to N epochs.")
     group = parser.add_argument_group("model and training")
-    group.add_argument("--arch", default="lenet", choices=available_models(), help="architecture")
-    group.add_argument("--width", type=float, default=1.0, help="width factor k (multiplies hidden channels and units)")
+    group.add_argument("--arch", default="lenet", choices=available_models(), help="architecture (default: lenet)")
+    group.add_argument("--width", type=float, default=1.0, help="width factor k: multiplies every hidden channel and unit count (default: 1)")
     group.add_argument("--model", default="both", choices=("standard", "linearized", "both"),
-                       help="which network to train; 'both' trains the pair, one after the other")
-    group.add_argument("--epochs", type=int, default=10, help="number of epochs")
-    group.add_argument("--lr", type=float, default=0.01, help="initial learning rate")
+                       help="which network to train; 'both' trains the pair, one after the other (default: both)")
+    group.add_argument("--epochs", type=int, default=10, help="number of epochs (default: 10)")
+    group.add_argument("--lr", type=float, default=0.01, help="initial learning rate (default: 0.01)")
     group.add_argument("--weight-decay", type=float, default=0.0,
-                       help="weight decay (on w for the standard network, on u for the linearized one)")
-    group.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    group.add_argument("--batch-size", type=int, default=32, help="mini-batch size")
+                       help="weight decay wd: adds wd·w to the gradient of the standard network, wd·u (not wd·(w0 + u)) "
+                            "to that of the linearized one (default: 0)")
+    group.add_argument("--momentum", type=float, default=0.9, help="SGD momentum, as torch.optim.SGD (no dampening, no Nesterov) (default: 0.9)")
+    group.add_argument("--batch-size", type=int, default=32, help="mini-batch size; the last batch of an epoch may be shorter (default: 32)")
     group.add_argument("--lr-step", type=int, default=None,
                        help="divide the learning rate by 10 every this many epochs; 0: never; "
                             "default: 30 for CIFAR-10 and snakes, never for MNIST and digits")
-    group.add_argument("--seed", type=int, default=0, help="seed of w0 (model) and of the mini-batch order")
+    group.add_argument("--seed", type=int, default=0, help="seed of w0 and, unless --batch-seed is given, of the mini-batch order (default: 0)")
     group.add_argument("--batch-seed", type=int, default=None, help="seed of the mini-batch order (default: --seed)")
-    group.add_argument("--float64", action="store_true", help="train in float64 (default float32)")
-    group.add_argument("--device", default="auto", help="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1', …")
-    group.add_argument("--eval-batch-size", type=int, default=256, help="batch size for evaluating full splits")
+    group.add_argument("--float64", action="store_true", help="train in float64 (w0 is the float32 draw, cast exactly) (default: float32)")
+    group.add_argument("--device", default="auto", help="'auto' (CUDA when present, else CPU), 'cpu', 'cuda', 'cuda:1', … (default: auto)")
+    group.add_argument("--eval-batch-size", type=int, default=256, help="batch size for evaluating the full splits after each epoch (default: 256)")
     group = parser.add_argument_group("output")
     group.add_argument("--out", type=Path, default=None,
                        help="run directory: OUT/<model>/checkpoint.pt (after every epoch), OUT/<model>/metrics.json "
-                            "and OUT/summary.json; a rerun resumes from the last completed epoch")
+                            "and OUT/summary.json; a rerun resumes from the last completed epoch (default: write nothing)")
     group.add_argument("--no-resume", action="store_true", help="start over even if OUT holds a checkpoint")
     group.add_argument("--quiet", action="store_true", help="no progress bar and per-epoch lines")
     add_data_arguments(parser)

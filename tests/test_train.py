@@ -226,3 +226,45 @@ def test_config_validation():
     with pytest.raises(ValueError, match="model_kind"):
         train(config(), synthetic_dataset(), "kernel")
     assert config(batch_seed=None).batch_seed == 3  # defaults to model_seed
+
+
+def test_cli_trains_the_pair_writes_metrics_and_resumes(tmp_path, capsys):
+    from study.train import main
+
+    def argv(epochs):
+        return ["--dataset", "digits", "--n-train", "30", "--n-test", "20", "--arch", "lenet", "--width", "0.25",
+                "--model", "both", "--epochs", str(epochs), "--lr", "0.01", "--weight-decay", "1e-4",
+                "--batch-size", "8", "--seed", "2", "--device", "cpu", "--quiet", "--out", str(tmp_path)]
+
+    first = main(argv(1))
+    out = capsys.readouterr().out
+    assert [r.model_kind for r in first] == ["standard", "linearized"]
+    assert "test acc" in out and "linearized" in out
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [run["model_kind"] for run in summary["runs"]] == ["standard", "linearized"]
+    assert summary["runs"][0]["config"]["lr_step_epochs"] is None  # digits: no step schedule by default
+    for kind in ("standard", "linearized"):
+        metrics = json.loads((tmp_path / kind / "metrics.json").read_text())
+        assert metrics["final"]["epoch"] == 1 and metrics["dataset"]["name"] == "digits"
+        assert metrics["n_parameters"] == first[0].n_parameters
+    assert torch.equal(flat_params(first[1].model),  # the linearized model holds w0
+                       flat_params(create_model("lenet", 0.25, 1, 10, 28, seed=2)))
+
+    # Same command with more epochs: continues epoch 1's checkpoint instead of starting over.
+    second = main(argv(2))
+    for a, b in zip(first, second):
+        assert without_timings(b.history[:1]) == without_timings(a.history)
+        assert len(b.history) == 2
+
+
+def test_cli_binary_task_and_help(tmp_path, capsys):
+    from study.train import main
+
+    (run,) = main(["--dataset", "digits", "--n-train", "20", "--n-test", "10", "--binary", "3", "--width", "0.25",
+                   "--model", "linearized", "--epochs", "1", "--float64", "--device", "cpu", "--quiet"])
+    assert run.u.dtype == torch.float64 and run.predict(torch.zeros(2, 1, 28, 28)).shape == (2, 1)
+    assert 0.0 <= run.final["test_acc"] <= 1.0
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    assert "--weight-decay" in capsys.readouterr().out
