@@ -157,6 +157,13 @@ def test_linearized_sgd_equals_sgd_on_the_stored_jacobian():
     expected = explicit_sgd(jac, f0, data.train.targets.double(), cfg)
     assert expected.norm() > 1e-3
     torch.testing.assert_close(lin.u, expected, rtol=0, atol=1e-10)
+    # The solvers' sgd on the stored J follows the same contract.
+    from solvers import solve
+
+    stored = solve(jac.numpy(), (data.train.targets.double() - f0).reshape(-1).numpy(), method="sgd", n_outputs=3,
+                   device="cpu", lr=cfg.lr, weight_decay=cfg.weight_decay, epochs=cfg.epochs,
+                   batch_size=cfg.batch_size, lr_step=cfg.lr_step_epochs, momentum=cfg.momentum, seed=cfg.batch_seed)
+    torch.testing.assert_close(lin.u, torch.from_numpy(np.asarray(stored.u)), rtol=0, atol=1e-10)
     # The trained outputs are f0 + J u.
     torch.testing.assert_close(lin.predict(data.train.x).reshape(-1), f0.reshape(-1) + jac @ expected,
                                rtol=0, atol=1e-10)
