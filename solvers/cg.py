@@ -46,7 +46,7 @@ def cgls(op, r, *, x0=None, maxiter=None, tol=1e-6, normal_tol=1e-10, device="cp
     """Run CGLS; return (u, ρ, info dict, {iteration: u snapshot}). See the module docstring."""
     xp = module_for_device(device)
     m, p = op.shape
-    maxiter = min(m, p) if maxiter is None else int(maxiter)
+    maxiter = 2 * min(m, p) if maxiter is None else int(maxiter)  # LSQR's default limit
     record_at = sorted(set(int(k) for k in record_at))
     b = xp.asarray(r, dtype=np.float64)
     b_norm = scalar(xp.linalg.norm(b))

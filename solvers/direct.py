@@ -6,18 +6,25 @@ Both work in whichever form is smaller (``form="auto"``):
 - primal, when n·L > p: JᵀJ (p × p), accumulated in one pass; u solves the normal equations.
 
 **lstsq** returns the minimum-norm minimizer of ‖J u − r‖₂ through the eigendecomposition
-K = V diag(w) Vᵀ with a cut-off, so rank deficiency gives the pseudo-inverse, not garbage:
+K = V diag(w) Vᵀ with a cut-off τ on the singular values σ_i = √w_i, so rank deficiency gives the
+pseudo-inverse, not garbage:
 
-    keep i  ⇔  w_i > rcond² · w_max   (equivalently σ_i > rcond · σ_max, σ_i = √w_i)
+    keep i  ⇔  σ_i > τ
     dual:   α = V_k diag(1/w_k) V_kᵀ r,   u = Jᵀ α,   J u = V_k V_kᵀ r
     primal: u = V_k diag(1/w_k) V_kᵀ Jᵀ r
 
-The default ``rcond = √(max(n·L, p) · ε₆₄)`` is numpy's ``matrix_rank`` tolerance applied to the
-eigenvalues of the Gram matrix, whose rounding (float64 accumulation over p or n·L terms, then the
-eigensolver) is of order max(n·L, p)·ε₆₄·w_max; directions below it are rounding, not signal. In
-σ terms that is ≈ 3.7e-6·σ_max for a 2,000 × 61,706 J, where LAPACK ``gelsd`` on J itself keeps
-down to ε·σ_max: the two answers differ by the components of u along directions with σ between the
-two cut-offs (tiny in J u, since those directions carry σ_i·|u_i|, visible in u).
+    τ = rcond · σ_max                                            when ``rcond`` is given, else
+    τ = max( √(max(n·L, p) · ε₆₄) · σ_max ,  ε_J · ‖J‖_F )
+
+The first term is numpy's ``matrix_rank`` tolerance applied to the eigenvalues of the float64
+Gram matrix, whose rounding (accumulation over p or n·L terms, then the eigensolver) is of order
+max(n·L, p)·ε₆₄·w_max: directions below it are rounding of the Gram route, not signal. The second
+is the rounding of J's own storage (ε_J = ε of J's dtype, 1.2e-7 for float32): |E_ij| ≤ ½ε_J|J_ij|
+gives ‖E‖₂ ≤ ½ε_J‖J‖_F, so by Weyl's inequality a singular value below ε_J‖J‖_F cannot be told from
+zero (‖J‖_F = √trace K comes free with K). For a 2,000 × 61,706 float32 J the first term,
+≈ 3.7e-6·σ_max, dominates; LAPACK ``gelsd`` on J itself keeps down to ε₆₄·σ_max. The two answers
+differ only by the components of u along directions with σ between the two cut-offs: invisible in
+J u (those directions carry σ_i·|u_i| ≤ τ·|u_i|) but possibly large in u (|u_i| = |r_i|/σ_i).
 ``driver="gelsd" | "gelsy" | "gelss"`` instead holds J in memory and calls ``scipy.linalg.lstsq``
 (float64 LAPACK, ``cond=rcond``), for checking.
 
@@ -44,9 +51,26 @@ FORMS = ("auto", "dual", "primal")
 DRIVERS = ("gelsd", "gelsy", "gelss")
 
 
-def default_rcond(shape) -> float:
-    """Singular-value cut-off, relative to σ_max, used by the Gram-matrix methods."""
+def gram_rcond(shape) -> float:
+    """The Gram route's own rounding floor, relative to σ_max (see the module docstring)."""
     return float(np.sqrt(max(shape) * EPS64))
+
+
+def singular_value_cutoff(sigma_max: float, fro_norm: float, dtype, rcond, floor_rcond: float) -> float:
+    """τ: singular values σ ≤ τ count as zero. ``rcond`` given: rcond·σ_max; else the larger of the
+    method's rounding floor (floor_rcond·σ_max) and the storage rounding of J (ε_J·‖J‖_F)."""
+    if rcond is not None:
+        return float(rcond) * sigma_max
+    eps_j = np.finfo(np.dtype(dtype)).eps if np.dtype(dtype).kind == "f" else EPS64
+    return max(floor_rcond * sigma_max, float(eps_j) * fro_norm)
+
+
+def _gram_cutoff(w, dtype, rcond, shape) -> float:
+    w_host = np.clip(to_numpy(w), 0.0, None)
+    if not w_host.size:
+        return 0.0
+    return singular_value_cutoff(float(np.sqrt(w_host.max())), float(np.sqrt(w_host.sum())), dtype, rcond,
+                                 gram_rcond(shape))
 
 
 def resolve_form(form: str, shape) -> str:
@@ -73,21 +97,22 @@ def eigh_descending(A, xp):
     return w[::-1], V[:, ::-1]
 
 
-def _spectrum_extras(w, keep, rcond, xp) -> dict:
+def _spectrum_extras(w, keep, rcond, cutoff) -> dict:
     w_host = to_numpy(w)
     return {
         "singular_values": np.sqrt(np.clip(w_host, 0.0, None)),
-        "rank": int(scalar(keep.sum())) if keep is not None else int(w_host.size),
-        "rcond": rcond,
-        "eigenvalue_cutoff": float(rcond ** 2 * max(w_host[0], 0.0)) if w_host.size else 0.0,
+        "rank": int(scalar(keep.sum())),
+        "rcond": "auto" if rcond is None else rcond,
+        "cutoff": cutoff,
         "n_negative_eigenvalues": int((w_host < 0).sum()),
     }
 
 
-def _pinv_coefficients(w, c, rcond, xp):
-    """c_i / w_i on the kept eigenvalues (w_i > rcond²·w_max), 0 elsewhere; and the kept mask."""
-    w_max = scalar(w[0]) if w.size else 0.0
-    keep = w > (rcond ** 2) * w_max if w_max > 0 else xp.zeros(w.shape, dtype=bool)
+def _pinv_coefficients(w, c, cutoff, xp):
+    """c_i / w_i on the kept eigenvalues (√w_i > cutoff), 0 elsewhere; and the kept mask."""
+    keep = w > max(cutoff, 0.0) ** 2
+    if cutoff <= 0:
+        keep &= w > 0
     coef = xp.where(keep, c / xp.where(keep, w, 1.0), 0.0)
     return coef, keep
 
@@ -98,21 +123,21 @@ def _solve_lstsq(op, r, *, form="auto", driver=None, rcond=None, panel_bytes=Non
         return _solve_lstsq_lapack(op, r, driver=driver, rcond=rcond)
     xp = module_for_device(device)
     form = resolve_form(form, op.shape)
-    rcond = default_rcond(op.shape) if rcond is None else float(rcond)
     A = gram_for_form(op, form, device=device, panel_bytes=panel_bytes, progress=progress)
     w, V = eigh_descending(A, xp)
     del A
+    cutoff = _gram_cutoff(w, op.dtype, rcond, op.shape)
     if form == "dual":
-        coef, keep = _pinv_coefficients(w, V.T @ r, rcond, xp)
+        coef, keep = _pinv_coefficients(w, V.T @ r, cutoff, xp)
         alpha = V @ coef
         u = op.rmatvec(alpha)
         fitted = V @ xp.where(keep, V.T @ r, 0.0)  # J u = K α = V_k V_kᵀ r
     else:
-        coef, keep = _pinv_coefficients(w, V.T @ op.rmatvec(r), rcond, xp)
+        coef, keep = _pinv_coefficients(w, V.T @ op.rmatvec(r), cutoff, xp)
         u = V @ coef
         fitted = op.matvec(u)
     return finish(op, r, u, fitted, method="lstsq", form=form, converged=True,
-                  stop_reason="direct solve", n_iter=0, extras=_spectrum_extras(w, keep, rcond, xp))
+                  stop_reason="direct solve", n_iter=0, extras=_spectrum_extras(w, keep, rcond, cutoff))
 
 
 def _solve_lstsq_lapack(op, r, *, driver, rcond) -> SolveResult:
@@ -163,10 +188,10 @@ def _solve_ridge(op, r, *, lam, form="auto", factorization="auto", panel_bytes=N
         if lam > 0:
             coef = V @ ((V.T @ b) / (xp.clip(w, 0.0, None) + lam))
         else:
-            rcond = default_rcond(op.shape)
-            c, _ = _pinv_coefficients(w, V.T @ b, rcond, xp)
+            cutoff = _gram_cutoff(w, op.dtype, None, op.shape)
+            c, _ = _pinv_coefficients(w, V.T @ b, cutoff, xp)
             coef = V @ c
-            extras["rcond"] = rcond
+            extras["cutoff"] = cutoff
         extras["singular_values"] = np.sqrt(np.clip(to_numpy(w), 0.0, None))
         fitted_dual = (V @ (w * (V.T @ coef))) if form == "dual" else None
     del A
@@ -191,10 +216,10 @@ def ridge_path(op, r, lambdas, *, form="auto", panel_bytes=None, device="cpu", p
     b = r if form == "dual" else op.rmatvec(r)
     c = V.T @ b
     w_clip = xp.clip(w, 0.0, None)
-    rcond = default_rcond(op.shape)
+    cutoff = _gram_cutoff(w, op.dtype, None, op.shape)
     coefs = []
     for lam in lambdas:
-        coefs.append(_pinv_coefficients(w, c, rcond, xp)[0] if lam == 0 else c / (w_clip + lam))
+        coefs.append(_pinv_coefficients(w, c, cutoff, xp)[0] if lam == 0 else c / (w_clip + lam))
     C = xp.stack(coefs, axis=1)  # eigen-coefficients, one column per λ
     if form == "dual":
         U = op.rmatmat(V @ C)    # u(λ) = Jᵀ α(λ), every λ in one pass

@@ -9,10 +9,12 @@ Range finder with oversampling and subspace (power) iterations, Algorithms 4.4 a
 
 and the rank-k truncated solution (the rank k is the regularizer)
 
-    u = V_k Σ_k⁻¹ U_kᵀ r,   over the σ_i > rcond · σ_1 among the first k,
+    u = V_k Σ_k⁻¹ U_kᵀ r,   over the σ_i > τ among the first k,
 
-with ``rcond = max(n·L, p) · ε₆₄`` by default (numpy's ``matrix_rank`` tolerance), so asking for
-more directions than J has gives the pseudo-inverse rather than a division by rounding noise.
+with the cut-off of ``direct.py``: τ = rcond·σ_1 when ``rcond`` is given, else
+τ = max(max(n·L, p)·ε₆₄·σ_1, ε_J·‖σ‖₂) (numpy's ``matrix_rank`` tolerance for an SVD computed
+on J itself, and the storage rounding of J, ‖σ‖₂ ≤ ‖J‖_F standing in for the Frobenius norm), so
+asking for more directions than J has gives the pseudo-inverse rather than a division by noise.
 Cost: 2 + 2·power_iter passes over J, plus one more for J u. Memory: Ω, J Ω and Bᵀ, i.e.
 about (2p + 2n·L)·ℓ float64 numbers, besides one row block. At k = min(n·L, p) the range finder
 spans all of range(J) and u is the minimum-norm least-squares solution. ``rsvd_path`` serves every
@@ -23,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 
 from ._xp import module_for_device, scalar, to_numpy
-from .direct import EPS64, finish
+from .direct import EPS64, finish, singular_value_cutoff
 
 
 def _orth(Y, xp):
@@ -51,21 +53,28 @@ def randomized_svd(op, rank: int, *, oversample: int = 10, power_iter: int = 2, 
     return U[:, :rank], sigma[:rank], W[:, :rank]
 
 
-def _truncated_coefficients(U, sigma, r, rcond, xp):
-    """Σ⁻¹ Uᵀ r on the kept singular values (σ_i > rcond·σ_1), 0 elsewhere; and the kept count."""
-    s1 = scalar(sigma[0]) if sigma.size else 0.0
-    keep = sigma > rcond * s1 if s1 > 0 else xp.zeros(sigma.shape, dtype=bool)
+def _cutoff(sigma, op, rcond) -> float:
+    s = to_numpy(sigma)
+    if not s.size:
+        return 0.0
+    return singular_value_cutoff(float(s[0]), float(np.linalg.norm(s)), op.dtype, rcond, max(op.shape) * EPS64)
+
+
+def _truncated_coefficients(U, sigma, r, cutoff, xp):
+    """Σ⁻¹ Uᵀ r on the kept singular values (σ_i > cutoff), 0 elsewhere; and the kept count."""
+    keep = (sigma > cutoff) & (sigma > 0)
     return xp.where(keep, (U.T @ r) / xp.where(keep, sigma, 1.0), 0.0), int(scalar(keep.sum()))
 
 
 def _solve_rsvd(op, r, *, rank, oversample=10, power_iter=2, seed=0, rcond=None, device="cpu",
                 progress=False):
     xp = module_for_device(device)
-    rcond = max(op.shape) * EPS64 if rcond is None else float(rcond)
     U, sigma, V = randomized_svd(op, rank, oversample=oversample, power_iter=power_iter, seed=seed, device=device)
-    coef, kept = _truncated_coefficients(U, sigma, xp.asarray(r), rcond, xp)
+    cutoff = _cutoff(sigma, op, rcond)
+    coef, kept = _truncated_coefficients(U, sigma, xp.asarray(r), cutoff, xp)
     u = V @ coef
-    extras = {"rank": rank, "effective_rank": kept, "singular_values": to_numpy(sigma), "rcond": rcond,
+    extras = {"rank": rank, "effective_rank": kept, "singular_values": to_numpy(sigma),
+              "rcond": "auto" if rcond is None else rcond, "cutoff": cutoff,
               "oversample": oversample, "power_iter": power_iter, "seed": seed}
     return finish(op, r, u, None, method="rsvd", form="randomized", converged=True, stop_reason="direct solve",
                   n_iter=power_iter, extras=extras)
@@ -75,15 +84,15 @@ def rsvd_path(op, r, ranks, *, oversample=10, power_iter=2, seed=0, rcond=None, 
     """Truncated-SVD solutions at every rank in ``ranks`` from one randomized SVD at the largest."""
     xp = module_for_device(device)
     ranks = [int(k) for k in ranks]
-    rcond = max(op.shape) * EPS64 if rcond is None else float(rcond)
     U, sigma, V = randomized_svd(op, max(ranks), oversample=oversample, power_iter=power_iter, seed=seed,
                                  device=device)
-    coef, _ = _truncated_coefficients(U, sigma, xp.asarray(r), rcond, xp)
+    cutoff = _cutoff(sigma, op, rcond)
+    coef, _ = _truncated_coefficients(U, sigma, xp.asarray(r), cutoff, xp)
     sols = xp.stack([V[:, :k] @ coef[:k] for k in ranks], axis=1)
     F = op.matmat(sols)  # J u for every rank in one pass
     sv = to_numpy(sigma)
     return [finish(op, r, sols[:, j], F[:, j], method="rsvd", form="randomized", converged=True,
                    stop_reason="direct solve (shared randomized SVD)", n_iter=power_iter,
-                   extras={"rank": k, "effective_rank": int((sv[:k] > rcond * sv[0]).sum()) if sv.size else 0,
-                           "singular_values": sv[:k], "rcond": rcond})
+                   extras={"rank": k, "effective_rank": int((sv[:k] > cutoff).sum()), "cutoff": cutoff,
+                           "singular_values": sv[:k]})
             for j, k in enumerate(ranks)]
