@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import queue
 import shutil
@@ -186,7 +187,8 @@ def _forward_outputs(model, x: torch.Tensor, device, dtype, batch: int = 512) ->
 
 
 def _create_store(path: Path, identity: dict, model, dataset, spec: BuildSpec, device, chunk_rows: int,
-                  chunk_columns: int, command: str | None) -> None:
+                  chunk_columns: int, command: str | None, jacobian_in_file: bool = True) -> None:
+    """Write everything but J's rows; J itself is allocated here, or left to the shards of a torchrun build."""
     dtype = DTYPES[spec.dtype]
     np_dtype = np.dtype(spec.dtype)
     layout = parameter_layout(model)
@@ -200,8 +202,9 @@ def _create_store(path: Path, identity: dict, model, dataset, spec: BuildSpec, d
             group.create_dataset("labels", data=data.labels.numpy())
             group.create_dataset("indices", data=np.asarray(data.indices, dtype=np.int64))
             if split == "train" or spec.test_jacobian:
-                _create_jacobian_dataset(group, data.x.shape[0] * dataset.n_outputs, identity["n_params"], np_dtype,
-                                         chunk_rows, chunk_columns)
+                if jacobian_in_file:
+                    _create_jacobian_dataset(group, data.x.shape[0] * dataset.n_outputs, identity["n_params"], np_dtype,
+                                             chunk_rows, chunk_columns)
                 group.create_dataset("done", data=np.zeros(n_chunks[split], dtype=bool))
         f.create_dataset("w0", data=torch.cat([p.detach().reshape(-1).cpu() for p in model.parameters()]).numpy())
         params = f.create_group("params")
@@ -261,14 +264,20 @@ def build_store(out: str | Path, spec: BuildSpec, dataset, *, device: str = "aut
                 on_chunk_done: Callable[[int], None] | None = None) -> BuildReport:
     """Build (or resume) the store ``out`` for ``spec`` on ``dataset`` and return a report.
 
-    ``on_chunk_done(chunk)`` is called after each chunk is durably written and marked done.
+    Under ``torchrun`` (WORLD_SIZE > 1) each rank builds its share of the chunks into its own shard
+    file and rank 0 joins them into ``out`` (see :mod:`jacobian_store.shards`); otherwise J is
+    written into ``out`` itself. ``on_chunk_done(chunk)`` is called after each chunk is durably
+    written and marked done.
     """
+    from jacobian_store.shards import Ranks, assemble_virtual_jacobian, build_shard, is_sharded, remove_shards
+
     out = Path(out)
     if spec.dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {spec.dtype!r}")
     if spec.chunk_samples is not None and spec.chunk_samples <= 0:
         raise ValueError(f"chunk_samples must be positive, got {spec.chunk_samples}")
-    torch_device = resolve_device(device)
+    ranks = Ranks.from_environment()
+    torch_device = ranks.device(resolve_device(device))
     disable_tf32()
     dtype = DTYPES[spec.dtype]
     model = create_model(spec.arch, spec.width, in_channels=dataset.in_channels, n_outputs=dataset.n_outputs,
@@ -276,66 +285,95 @@ def build_store(out: str | Path, spec: BuildSpec, dataset, *, device: str = "aut
     n_params = sum(p.numel() for p in model.parameters())
     itemsize = np.dtype(spec.dtype).itemsize
     budget = memory_budget if memory_budget is not None else default_memory_budget(torch_device)
-    requested_chunk = spec.chunk_samples
-    if requested_chunk is None and out.exists() and not overwrite:
-        # Resume with the chunking the store was created with, whatever memory this machine has now.
-        try:
-            with h5py.File(out, "r") as f:
-                requested_chunk = int(f.attrs["chunk_samples"]) if "chunk_samples" in f.attrs else None
-        except OSError:
-            pass  # not an HDF5 file: refused below with a clear message
+    # Every rank must cut the same chunks: rank 0 decides (keeping an existing store's chunking).
+    chunk_samples = ranks.from_rank0(lambda: choose_chunking(
+        dataset.n_outputs, n_params, itemsize, budget, spec.chunk_samples or _stored_chunk_samples(out, overwrite))[0])
     chunk_samples, chunk_rows, chunk_columns = choose_chunking(dataset.n_outputs, n_params, itemsize, budget,
-                                                               requested_chunk)
+                                                               chunk_samples)
     identity = store_identity(spec, dataset, n_params, chunk_samples)
     splits = ["train", "test"] if spec.test_jacobian else ["train"]
     n_rows = {s: getattr(dataset, s).x.shape[0] * dataset.n_outputs for s in splits}
 
-    if out.exists() and not overwrite:
-        try:
-            existing = h5py.File(out, "r")
-        except OSError:
-            raise StoreError(f"{out} exists and is not an HDF5 file, so not a lincnn store; choose another --out "
-                             f"(or pass --overwrite to replace it)") from None
-        with existing:
-            _check_identity(out, existing, identity)
-    else:
+    def prepare() -> bool:
+        """Create or check ``out`` (rank 0 only); True when J lives in shard files."""
+        if out.exists() and not overwrite:
+            try:
+                existing = h5py.File(out, "r")
+            except OSError:
+                raise StoreError(f"{out} exists and is not an HDF5 file, so not a lincnn store; choose another --out "
+                                 f"(or pass --overwrite to replace it)") from None
+            with existing:
+                _check_identity(out, existing, identity)
+                sharded = is_sharded(existing)
+            if ranks.world_size > 1 and not sharded:
+                raise StoreError(f"{out} was started by a single process, which wrote J into the file itself; resume "
+                                 f"it without torchrun (or pass --overwrite to rebuild it sharded)")
+            return sharded
         needed = sum(n_rows.values()) * n_params * itemsize
         out.parent.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(out.parent).free + (out.stat().st_size if out.exists() else 0)
         if needed > 0.98 * free:
-            raise StoreError(f"the store needs about {needed / 1e9:.3g} GB but {out.parent} has {free / 1e9:.3g} GB free; "
-                             f"free space, choose another --out, or reduce --n-train/--width")
+            raise StoreError(f"the store needs about {needed / 1e9:.3g} GB but {out.parent} has {free / 1e9:.3g} GB "
+                             f"free; free space, choose another --out, or reduce --n-train/--width")
         if out.exists():
             out.unlink()
-        _create_store(out, identity, model, dataset, spec, torch_device, chunk_rows, chunk_columns, command)
+        sharded = ranks.world_size > 1
+        remove_shards(out)  # left from an earlier build at this path: they belong to another store
+        _create_store(out, identity, model, dataset, spec, torch_device, chunk_rows, chunk_columns, command,
+                      jacobian_in_file=not sharded)
+        return sharded
 
+    sharded = ranks.from_rank0(prepare)
     params = initial_parameters(model)
     started, rows_built = time.perf_counter(), 0
-    with h5py.File(out, "r+") as f:
-        for split in splits:
-            rows_built += _build_split(f, split, getattr(dataset, split).x, model, params, chunk_samples,
-                                       dataset.n_outputs, torch_device, dtype, progress, on_chunk_done)
+    for split in splits:
+        x = getattr(dataset, split).x
+        n_chunks = math.ceil(x.shape[0] / chunk_samples)
+
+        def build(f: h5py.File, chunks: np.ndarray, split=split, x=x) -> int:
+            return _build_split(f, split, x, chunks, model, params, chunk_samples, dataset.n_outputs, torch_device,
+                                dtype, progress and ranks.rank == 0, on_chunk_done)
+
+        if sharded:
+            rows_built += build_shard(out, split, n_rows[split], n_chunks, identity, ranks, chunk_rows, chunk_columns, build)
+            ranks.from_rank0(lambda: assemble_virtual_jacobian(out, split, n_chunks, chunk_samples,
+                                                               dataset.n_outputs))
+        else:
+            with h5py.File(out, "r+") as f:
+                done = f[f"{split}/done"][()]
+                if done.any() and progress:
+                    print(f"resuming: {int(done.sum())} of {done.size} {split} chunks already done", flush=True)
+                rows_built += build(f, np.flatnonzero(~done))
     seconds = time.perf_counter() - started
+    ranks.close()
     return BuildReport(out, (n_rows["train"], n_params), itemsize, seconds, rows_built, str(torch_device))
 
 
-def _build_split(f: h5py.File, split: str, x: torch.Tensor, model, params, chunk_samples: int, n_outputs: int,
-                 device, dtype, progress: bool, on_chunk_done) -> int:
+def _stored_chunk_samples(out: Path, overwrite: bool) -> int | None:
+    """The chunking a store was created with: a resume keeps it, whatever memory this machine has now."""
+    if overwrite or not out.exists():
+        return None
+    try:
+        with h5py.File(out, "r") as f:
+            return int(f.attrs["chunk_samples"]) if "chunk_samples" in f.attrs else None
+    except OSError:
+        return None  # not an HDF5 file: refused with a clear message when the store is prepared
+
+
+def _build_split(f: h5py.File, split: str, x: torch.Tensor, chunks: np.ndarray, model, params, chunk_samples: int,
+                 n_outputs: int, device, dtype, progress: bool, on_chunk_done) -> int:
+    """Compute the given chunks of J(x) into ``f``'s /<split>/J and mark them done; returns rows built."""
     from tqdm.auto import tqdm
 
-    done = f[f"{split}/done"][()]
-    todo = np.flatnonzero(~done)
     n_samples, n_params = x.shape[0], f[f"{split}/J"].shape[1]
     row_bytes = n_params * f[f"{split}/J"].dtype.itemsize
-    rows_todo = sum(min(chunk_samples, n_samples - c * chunk_samples) for c in todo) * n_outputs
+    rows_todo = sum(min(chunk_samples, n_samples - c * chunk_samples) for c in chunks) * n_outputs
     bar = tqdm(total=rows_todo, unit="row", unit_scale=True, desc=f"J[{split}]", disable=not progress,
-               initial=0, dynamic_ncols=True)
-    if done.any():
-        bar.write(f"resuming: {int(done.sum())} of {done.size} {split} chunks already done")
+               dynamic_ncols=True)
     writer = _ChunkWriter(f, split, on_chunk_done)
     started = time.perf_counter()
     try:
-        for chunk in todo:
+        for chunk in chunks:
             lo = int(chunk) * chunk_samples
             hi = min(lo + chunk_samples, n_samples)
             rows = jacobian_rows(model, params, x[lo:hi].to(device=device, dtype=dtype)).cpu().numpy()
@@ -398,9 +436,10 @@ def main(argv: list[str] | None = None) -> int:
     except (DatasetError, StoreError, ValueError) as error:
         print(f"build-jacobian: error: {error}", file=sys.stderr)
         return 2
-    print(report)
-    with JacobianStore.open(report.path) as store:
-        print(store.summary())
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one report for the whole job
+        print(report)
+        with JacobianStore.open(report.path) as store:
+            print(store.summary())
     return 0
 
 

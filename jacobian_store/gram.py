@@ -217,10 +217,10 @@ def _structured_features(model: nn.Module, plan: list[_Layer], params: dict[str,
             linear.append((a, delta.reshape(batch * n_out, -1), m.bias is not None))
         else:
             c_out = m.out_channels
-            patches = F.unfold(a, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
+            patches = _patches(a, m)                                         # (b, P, C_in·kh·kw)
             d = delta.reshape(batch, n_out * c_out, -1)                     # (b, L·C_out, P)
-            # Per-row weight gradient Δ_il U_iᵀ; unfold orders columns (C_in, kh, kw) like the weight.
-            dense.append(torch.bmm(d, patches.transpose(1, 2)).reshape(batch * n_out, -1))
+            # Per-row weight gradient Δ_il U_iᵀ, columns ordered (C_in, kh, kw) like the weight.
+            dense.append(torch.bmm(d, patches).reshape(batch * n_out, -1))
             if m.bias is not None:
                 dense.append(d.sum(dim=2).reshape(batch * n_out, c_out))
     if generic:
@@ -228,6 +228,21 @@ def _structured_features(model: nn.Module, plan: list[_Layer], params: dict[str,
         dense.append(_partial_jacobian(model, params, names, xb))
     del captured, deltas
     return _Features(batch * n_out, dense, linear)
+
+
+def _patches(a: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """Input patches of a convolution, (b, P, C_in·kh·kw) with P = H_out·W_out (im2col).
+
+    Built from strided windows (``Tensor.unfold``) and one copy: on the CPU ``F.unfold`` was 15 to
+    100 times slower in our measurements (about 2 s for 100 LeNet inputs against 0.02–0.14 s).
+    """
+    (kh, kw), (sh, sw), (dh, dw), (ph, pw) = conv.kernel_size, conv.stride, conv.dilation, conv.padding
+    if ph or pw:
+        a = F.pad(a, (pw, pw, ph, ph))
+    windows = a.unfold(2, dh * (kh - 1) + 1, sh).unfold(3, dw * (kw - 1) + 1, sw)  # (b, C, Ho, Wo, eh, ew)
+    windows = windows[..., ::dh, ::dw]                                              # (b, C, Ho, Wo, kh, kw)
+    b, c, ho, wo = windows.shape[:4]
+    return windows.permute(0, 2, 3, 1, 4, 5).reshape(b, ho * wo, c * kh * kw)
 
 
 def _partial_jacobian(model: nn.Module, params: dict[str, torch.Tensor], names: Sequence[str],

@@ -155,13 +155,17 @@ class JacobianStore:
 
     def jacobian(self, split: str = "train") -> HDF5RowOperator:
         """J of ``split`` as a row operator; refuses a store whose build has not finished."""
-        if f"{split}/J" not in self.file:
+        if f"{split}/done" not in self.file:
             hint = " (build with --test-jacobian)" if split == "test" else ""
             raise StoreError(f"{self.path} holds no {split} Jacobian{hint}")
         done = self.file[f"{split}/done"][()]
-        if not np.all(done):
+        if not np.all(done) or f"{split}/J" not in self.file:
             raise StoreError(f"{self.path}: the {split} Jacobian build is unfinished ({int(done.sum())} of {done.size} "
                              f"chunks done); rerun the same bin/build-jacobian command to resume it")
+        if self.file[f"{split}/J"].is_virtual:
+            from jacobian_store.shards import verify_shards
+
+            verify_shards(self.file, split)
         return HDF5RowOperator(self.file[f"{split}/J"], self.n_outputs)
 
     @property

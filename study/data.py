@@ -354,9 +354,11 @@ def _channel_statistics(images: np.ndarray) -> tuple[tuple[float, ...], tuple[fl
         else:
             values = images[:, channel].astype(np.float64).ravel()
             counts = np.ones_like(values)
-        mean = float(counts @ values / counts.sum())
+        # np.sum's pairwise summation, not a BLAS dot: the dot's rounding depends on the thread
+        # count, and these statistics are part of a store's identity, compared bit for bit.
+        mean = float(np.sum(counts * values) / counts.sum())
         means.append(mean)
-        stds.append(float(np.sqrt(counts @ (values - mean) ** 2 / counts.sum())))
+        stds.append(float(np.sqrt(np.sum(counts * (values - mean) ** 2) / counts.sum())))
     return tuple(means), tuple(stds)
 
 
