@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import study.train as train_module
 from jacobian_store.architectures import create_model
-from jacobian_store.functional import flatten, initial_parameters, jacobian_rows, jvp_outputs, parameter_layout, unflatten
+from jacobian_store.functional import flatten, initial_parameters, jacobian_rows
 from solvers.minibatches import minibatches, step_learning_rate
 from study.train import TrainConfig, linearized_l2_gradient, train
 
@@ -114,7 +114,8 @@ def test_small_learning_rate_trajectories_agree_to_first_order():
     assert 3.5 < gaps[0] / gaps[1] < 4.5  # gap: second order in lr
 
 
-def test_matrix_free_gradient_equals_explicit_jacobian():
+@pytest.mark.parametrize("method", ["forward-ad", "jvp-vjp"])
+def test_matrix_free_gradient_equals_explicit_jacobian(method):
     model = create_model("lenet", 0.5, 1, 3, 16, seed=1).double()
     params = initial_parameters(model)
     g = torch.Generator().manual_seed(0)
@@ -123,7 +124,7 @@ def test_matrix_free_gradient_equals_explicit_jacobian():
     jac = jacobian_rows(model, params, x)
     u = 0.01 * torch.randn(jac.shape[1], generator=g, dtype=torch.float64)
     residual = model(x).detach().reshape(-1) + jac @ u - y.reshape(-1)
-    loss, grad = linearized_l2_gradient(model, params, u, x, y)
+    loss, grad = linearized_l2_gradient(model, params, u, x, y, method=method)
     torch.testing.assert_close(grad, jac.T @ residual / 5, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(loss, 0.5 * residual.pow(2).sum() / 5, rtol=1e-12, atol=0)
 
