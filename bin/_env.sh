@@ -3,7 +3,7 @@
 set -euo pipefail
 LINCNN_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 LINCNN_VENV="${LINCNN_VENV:-$LINCNN_ROOT/.venv}"
-_lincnn_extras="${LINCNN_EXTRAS:-test}"
+_lincnn_extras="${LINCNN_EXTRAS:-test,distributed}"
 if [ ! -x "$LINCNN_VENV/bin/python" ]; then
     echo "lincnn: creating $LINCNN_VENV (first run; installs torch, a few minutes)" >&2
     "${PYTHON:-python3}" -m venv "$LINCNN_VENV"

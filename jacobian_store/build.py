@@ -2,8 +2,8 @@
 
 A build is split into chunks of ``chunk_samples`` samples (rows [c·B·L, (c+1)·B·L) of J). Each
 chunk is computed with ``vmap(jacrev)`` on the build device, handed to a writer thread (so the
-HDF5 write of chunk c overlaps the computation of chunk c + 1), written, flushed and only then
-marked done in ``/train/done``. A killed build therefore loses at most the chunks in flight, and
+device-to-host copy and HDF5 write of chunk c overlap the computation of chunk c + 1), written,
+flushed and only then marked done in ``/train/done``. A killed build therefore loses at most the chunks in flight, and
 rerunning the same command computes exactly the chunks not marked done, with the same chunk
 boundaries, so the result equals an uninterrupted build.
 
@@ -236,8 +236,11 @@ class _ChunkWriter:
         while (item := self._queue.get()) is not None:
             if self._error is not None:
                 continue
-            chunk, first_row, rows = item
+            chunk, first_row, rows, copied = item
             try:
+                if copied is not None:  # a GPU chunk: wait for its device-to-host copy to land
+                    copied.synchronize()
+                rows = rows.numpy()
                 dataset[first_row:first_row + rows.shape[0]] = rows
                 self._file.flush()  # the rows reach the file before the mark that says they did
                 done[chunk] = True
@@ -247,10 +250,22 @@ class _ChunkWriter:
             except BaseException as error:  # re-raised in the building thread
                 self._error = error
 
-    def put(self, chunk: int, first_row: int, rows: np.ndarray):
+    def put(self, chunk: int, first_row: int, rows: torch.Tensor):
+        """Queue ``rows`` (on any device) for writing at ``first_row``; returns once the copy is under way.
+
+        From a GPU the rows go into pinned host memory by an asynchronous copy, so the next chunk's
+        computation is queued on the device while this one crosses to the host and is written.
+        """
         if self._error is not None:
             raise self._error
-        self._queue.put((chunk, first_row, rows))
+        copied = None
+        if rows.device.type == "cuda":
+            host = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True)
+            host.copy_(rows, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record()
+            rows = host
+        self._queue.put((chunk, first_row, rows, copied))
 
     def close(self):
         self._queue.put(None)
@@ -376,7 +391,7 @@ def _build_split(f: h5py.File, split: str, x: torch.Tensor, chunks: np.ndarray, 
         for chunk in chunks:
             lo = int(chunk) * chunk_samples
             hi = min(lo + chunk_samples, n_samples)
-            rows = jacobian_rows(model, params, x[lo:hi].to(device=device, dtype=dtype)).cpu().numpy()
+            rows = jacobian_rows(model, params, x[lo:hi].to(device=device, dtype=dtype))
             writer.put(int(chunk), lo * n_outputs, rows)
             bar.update(rows.shape[0])
             bar.set_postfix_str(f"{bar.n * row_bytes / 1e9:.2f} GB, "
