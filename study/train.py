@@ -87,6 +87,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.batch_seed is None:
             self.batch_seed = self.model_seed
+        if self.lr_step_epochs == 0:
+            self.lr_step_epochs = None  # one spelling of "no decay", so resuming compares equal
         if self.arch not in available_models():
             raise ValueError(f"unknown architecture {self.arch!r}; known architectures: {', '.join(available_models())}")
         if self.dtype not in _DTYPES:

@@ -234,6 +234,7 @@ def test_config_validation():
     with pytest.raises(ValueError, match="model_kind"):
         train(config(), synthetic_dataset(), "kernel")
     assert config(batch_seed=None).batch_seed == 3  # defaults to model_seed
+    assert config(lr_step_epochs=0).lr_step_epochs is None
 
 
 def test_cli_trains_the_pair_writes_metrics_and_resumes(tmp_path, capsys):
