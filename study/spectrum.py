@@ -53,11 +53,11 @@ FLOAT32_EPS = float(np.finfo(np.float32).eps)
 # ---------------------------------------------------------------------------------- primitives
 
 def singular_values_from_eigenvalues(eigenvalues) -> np.ndarray:
-    """σ = √max(λ, 0), sorted in decreasing order (float64)."""
+    """σ = √max(λ, 0), sorted in decreasing order (float64); λ in any order."""
     lam = np.asarray(eigenvalues, dtype=np.float64).ravel()
     if not np.all(np.isfinite(lam)):
         raise ValueError("the eigenvalues contain NaN or infinite entries; is K finite?")
-    return np.sqrt(np.clip(lam, 0.0, None))[::-1].copy() if lam.size else lam.copy()
+    return np.sort(np.sqrt(np.clip(lam, 0.0, None)))[::-1].copy()
 
 
 def singular_values_from_gram(K) -> np.ndarray:
