@@ -1,0 +1,115 @@
+"""The run directory: one JSON record per finished unit of work, written atomically.
+
+Layout of ``runs/<name>/``::
+
+    experiment.json          the resolved experiment (rewritten at every start; reports read it)
+    records/<key>.json       one per finished unit: config, metrics, timings, versions
+    search/<key>.json        one per finished hyperparameter-search trial (``--search``)
+    train/<key>/             checkpoints of a training unit in progress (resumed after a kill)
+    stores/<name>.h5         Jacobian stores (resumed chunk by chunk after a kill)
+    report.md, figures/*.png the report, regenerated from the records alone
+
+A unit's key names it (variant, model or solver, width, seed), and its record holds a digest of
+every setting that determines its result, so a rerun skips a finished unit only when nothing that
+matters changed, and refuses (naming the setting) when something did.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import socket
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+RECORD_FORMAT = 1
+
+
+def unit_key(variant: str, name: str, width: float, seed: int) -> str:
+    """Stable file-name key of a unit, e.g. ``mnist__linearized__w4__s0``."""
+    return f"{_safe(variant)}__{_safe(name)}__w{width:g}__s{seed}"
+
+
+def _safe(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-._" else "-" for c in str(text))
+
+
+def settings_digest(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    """Write ``payload`` to a temporary file beside ``path``, fsync, then rename over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=1, default=_json_default)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _json_default(value):
+    import numpy as np
+
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot record {type(value).__name__} in JSON")
+
+
+def library_versions() -> dict:
+    import h5py
+    import numpy as np
+    import scipy
+    import torch
+
+    try:
+        from importlib.metadata import version
+
+        lincnn = version("lincnn")
+    except Exception:  # not installed (running from a checkout)
+        lincnn = "unknown"
+    return {"lincnn": lincnn, "python": platform.python_version(), "torch": torch.__version__,
+            "numpy": np.__version__, "scipy": scipy.__version__, "h5py": h5py.__version__,
+            "cuda": torch.version.cuda if torch.cuda.is_available() else None}
+
+
+def make_record(key: str, unit: dict, settings: dict, metrics: dict, seconds: float, **extra) -> dict:
+    return {"format": RECORD_FORMAT, "key": key, "unit": unit, "settings": settings,
+            "settings_digest": settings_digest(settings), "metrics": metrics, "seconds": seconds,
+            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"), "host": socket.gethostname(),
+            "versions": library_versions(), **extra}
+
+
+def read_record(path: Path) -> dict | None:
+    """The record at ``path``, or None when there is none (or only a torn temporary file)."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+
+
+def load_records(run_dir: Path, folder: str = "records") -> list[dict]:
+    """Every finished record of the run directory, sorted by key."""
+    directory = Path(run_dir) / folder
+    if not directory.is_dir():
+        return []
+    return [json.loads(p.read_text()) for p in sorted(directory.glob("*.json"))]
+
+
+class Clock:
+    """``with Clock() as c: ...``; ``c.seconds`` afterwards."""
+
+    def __enter__(self):
+        self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self._start
