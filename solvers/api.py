@@ -98,7 +98,10 @@ def solve_path(J, r, method: str, values, *, n_outputs: int | None = None, devic
         _validate_options(op, method, {**options, knob: v})
     opts = _validate_options(op, method, {**options, knob: max(values)})
     opts.pop(knob)
-    _check_plan(op, method, {**opts, knob: max(values)}, dev, limit, n_knobs=len(values))
+    planned = {**opts, knob: max(values)}
+    _check_plan(op, method, planned, dev, limit, n_knobs=len(values))
+    if "panel_bytes" in opts:
+        opts["panel_bytes"] = planned["panel_bytes"]
     if check_finite:
         op.check_finite()
     if method == "cg":  # a path runs to its largest count unless tolerances are asked for
@@ -222,6 +225,7 @@ def _check_option(method, k, v, m, p):
 
 
 def _check_plan(op, method, opts, dev, limit, n_knobs=1):
+    """Refuse up front when the method would not fit; fill in the Gram panel size (in ``opts``)."""
     form = None
     if method in ("lstsq", "ridge") and not opts.get("driver"):
         form = resolve_form(opts["form"], op.shape)

@@ -129,14 +129,12 @@ def _solve_lstsq(op, r, *, form="auto", driver=None, rcond=None, panel_bytes=Non
     cutoff = _gram_cutoff(w, op.dtype, rcond, op.shape)
     if form == "dual":
         coef, keep = _pinv_coefficients(w, V.T @ r, cutoff, xp)
-        alpha = V @ coef
-        u = op.rmatvec(alpha)
-        fitted = V @ xp.where(keep, V.T @ r, 0.0)  # J u = K α = V_k V_kᵀ r
+        u = op.rmatvec(V @ coef)
     else:
         coef, keep = _pinv_coefficients(w, V.T @ op.rmatvec(r), cutoff, xp)
         u = V @ coef
-        fitted = op.matvec(u)
-    return finish(op, r, u, fitted, method="lstsq", form=form, converged=True,
+    # J u by one more pass (not V_k V_kᵀ r): the residual reported is that of the u returned
+    return finish(op, r, u, None, method="lstsq", form=form, converged=True,
                   stop_reason="direct solve", n_iter=0, extras=_spectrum_extras(w, keep, rcond, cutoff))
 
 
@@ -181,8 +179,6 @@ def _solve_ridge(op, r, *, lam, form="auto", factorization="auto", panel_bytes=N
             # eigendecomposition, where negative rounding eigenvalues are clipped to 0.
             extras["factorization"] = f"eigh (cholesky failed: {err})"
         A[np.diag_indices_from(A)] -= lam
-        if coef is not None:
-            fitted_dual = A @ coef if form == "dual" else None
     if coef is None:
         w, V = eigh_descending(A, xp)
         if lam > 0:
@@ -193,14 +189,9 @@ def _solve_ridge(op, r, *, lam, form="auto", factorization="auto", panel_bytes=N
             coef = V @ c
             extras["cutoff"] = cutoff
         extras["singular_values"] = np.sqrt(np.clip(to_numpy(w), 0.0, None))
-        fitted_dual = (V @ (w * (V.T @ coef))) if form == "dual" else None
     del A
-    if form == "dual":
-        u, fitted = op.rmatvec(coef), fitted_dual
-    else:
-        u = coef
-        fitted = op.matvec(u)
-    return finish(op, r, u, fitted, method="ridge", form=form, converged=True, stop_reason="direct solve",
+    u = op.rmatvec(coef) if form == "dual" else coef
+    return finish(op, r, u, None, method="ridge", form=form, converged=True, stop_reason="direct solve",
                   n_iter=0, extras=extras)
 
 
@@ -221,12 +212,8 @@ def ridge_path(op, r, lambdas, *, form="auto", panel_bytes=None, device="cpu", p
     for lam in lambdas:
         coefs.append(_pinv_coefficients(w, c, cutoff, xp)[0] if lam == 0 else c / (w_clip + lam))
     C = xp.stack(coefs, axis=1)  # eigen-coefficients, one column per λ
-    if form == "dual":
-        U = op.rmatmat(V @ C)    # u(λ) = Jᵀ α(λ), every λ in one pass
-        F = V @ (w_clip[:, None] * C)
-    else:
-        U = V @ C
-        F = op.matmat(U)         # J u(λ), every λ in one pass
+    U = op.rmatmat(V @ C) if form == "dual" else V @ C  # u(λ) = Jᵀ α(λ): every λ in one pass
+    F = op.matmat(U)                                     # J u(λ): every λ in one more pass
     sv = np.sqrt(to_numpy(w_clip))
     return [finish(op, r, U[:, j], F[:, j], method="ridge", form=form, converged=True,
                    stop_reason="direct solve (shared eigendecomposition)", n_iter=0,
