@@ -13,7 +13,7 @@ from study.experiments import (ConfigError, ExperimentError, Runner, available_e
                                plan_units, resolve)
 from study.experiments import cli, demo
 from study.experiments.search import select, validation_dataset
-from study.experiments.spectra import effective_rank, spectrum_metrics
+from study.experiments.spectra import singular_value_cutoff, spectrum_metrics
 
 TINY = {
     "experiment": {"name": "tiny", "kind": "compare"},
@@ -42,10 +42,11 @@ def test_every_shipped_experiment_resolves_for_both_presets():
         assert "MEASURED" not in cpu.expected_cost and "PAPER_COST" not in paper.expected_cost
         if paper.kind == "compare":
             assert paper.train["epochs"] == 100 and len(paper.grid["seeds"]) == 5
-            assert min(paper.grid["widths"]) == 1 and max(paper.grid["widths"]) == 60
             assert paper.dataset["n_train"] == "all"
             if paper.grid["arch"] == "lenet":
-                assert paper.hyperparameters("standard", 1) == {"lr": 0.1, "weight_decay": 5e-5}
+                assert min(paper.grid["widths"]) == 1 and max(paper.grid["widths"]) == 60
+                for model in ("standard", "linearized"):
+                    assert paper.hyperparameters(model, 60) == {"lr": 0.1, "weight_decay": 5e-5}
 
 
 def test_binary_experiments_compare_standard_linearized_and_lstsq():
@@ -217,11 +218,13 @@ def test_select_prefers_accuracy_then_loss_and_skips_divergence():
 
 
 def test_spectrum_metrics_known_answers():
-    assert math.isclose(effective_rank([2.0, 2.0, 2.0, 0.0]), 3.0)
-    assert math.isclose(effective_rank([1.0]), 1.0)
-    m = spectrum_metrics([4.0, 2.0, 1.0, 1e-12], (4, 10))  # τ = ε₃₂·‖σ‖ ≈ 5.5e-7
+    m = spectrum_metrics([4.0, 2.0, 1.0, 1e-12], (4, 10))  # cut-off 4·10·ε₃₂ ≈ 4.8e-6
     assert m["numerical_rank"] == 3 and m["condition_number"] == 4.0
     assert math.isclose(m["stable_rank"], 21 / 16)
+    assert math.isclose(spectrum_metrics([2.0, 2.0, 2.0], (3, 5))["effective_rank"], 3.0)
+    # the lstsq cut-off: max(√(max(m, p)·ε₆₄)·σ_1, ε₃₂·‖σ‖)
+    assert math.isclose(singular_value_cutoff([1.0, 0.5], (100, 10**6)), math.sqrt(1e6 * np.finfo(float).eps))
+    assert math.isclose(singular_value_cutoff([1.0], (1, 1)), np.finfo(np.float32).eps)
 
 
 # ------------------------------------------------------------------------------------------------

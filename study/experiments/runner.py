@@ -149,6 +149,10 @@ class Runner:
         if search:
             from .search import run_search
 
+            if self.exp.kind != "compare":
+                raise ExperimentError(f"--search tunes the SGD of compare experiments; {self.exp.name} is a "
+                                      f"{self.exp.kind} experiment with nothing to tune")
+
             self.selected = run_search(self)
         units = plan_units(self.exp)
         bar = _tqdm(units, desc=f"{self.exp.name} [{self.exp.preset}]", unit="unit", disable=not self.progress)
