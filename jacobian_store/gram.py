@@ -42,10 +42,12 @@ Implementations (:class:`GramImplementation`, dispatched through ``_implementati
 Assumption (both methods): samples do not interact in the forward pass (no batch statistics,
 e.g. BatchNorm in training mode), so a batch's outputs are the per-sample outputs.
 
-Memory: block sizes come from ``memory_budget`` (bytes for the features of the blocks alive at
-once; default: half the free GPU memory, or min(4 GiB, half the available RAM) on the CPU). When
-the features of all samples fit, every block is computed once; otherwise the outer block is kept
-and the inner blocks are recomputed, n_blocks·(n_blocks + 1)/2 feature computations in all.
+Memory: block sizes come from ``memory_budget`` (bytes for the features alive at once and the
+work of computing one block; default: half the free GPU memory, or min(4 GiB, half the available
+RAM) on the CPU). When the features of all samples fit, every block is computed once. Otherwise
+a panel of row blocks is kept in memory while the other blocks stream past it, recomputed once per
+panel: about B + B²/(2·panel) feature computations for B blocks. K itself (n·L × n·L float64) lives
+in host memory outside the budget.
 """
 from __future__ import annotations
 
@@ -90,7 +92,7 @@ class GramInfo:
     n_parameters: int
     block_samples: int
     n_blocks: tuple[int, int]
-    cached: bool
+    panel_blocks: int            # row blocks kept in memory at once (all: every block computed once)
     feature_computations: int
     memory_budget: int
     device: str
@@ -305,8 +307,10 @@ def _structured_bytes_per_sample(plan: list[_Layer], probe: dict, n_out: int, it
         else:
             kept += n_out * layer.n_params
             transient = max(transient, 2 * n_out * layer.n_params)  # jacrev's per-tensor pieces + cat
-    # The forward graph and the L gradients of every layer output (stacked once more).
-    transient += 3 * n_out * probe["__activations__"]
+    # The forward graph (activations, twice for the backward's temporaries) and the L gradients of
+    # every structured layer's output, gathered then stacked.
+    transient += 2 * probe["__activations__"] + 2 * n_out * sum(
+        probe[layer.name][1] for layer in plan if layer.kind != "generic")
     return itemsize * (kept + transient), itemsize * kept
 
 
@@ -349,8 +353,14 @@ def _default_budget(device: torch.device) -> int:
 
 
 def _accumulate(feature_fn: Callable, model, plan, params, x1: torch.Tensor, x2: torch.Tensor | None,
-                n_out: int, block: int, cache: bool, device: torch.device, progress: bool, desc: str):
-    """Sum the block products into a float64 host array; returns (K, feature computations)."""
+                n_out: int, block: int, panel: int, device: torch.device, progress: bool, desc: str):
+    """Sum the block products into a float64 host array; returns (K, feature computations).
+
+    Panels of ``panel`` consecutive row blocks of x1 are kept in memory; every pair inside a panel
+    is formed from them, and each block of the other side (the earlier blocks, for K(X, X)) is
+    computed once per panel and paired with the whole panel. Feature computations: for K(X, X)
+    with B blocks, B + Σ_panels (first block of the panel) ≈ B + B²/(2·panel); B when panel ≥ B.
+    """
     from tqdm.auto import tqdm
 
     symmetric = x2 is None
@@ -364,32 +374,32 @@ def _accumulate(feature_fn: Callable, model, plan, params, x1: torch.Tensor, x2:
         count[0] += 1
         return feature_fn(model, plan, params, x[s:s + block].to(device))
 
-    pairs = [(i, j) for i in range(len(starts1)) for j in range(len(starts2)) if not symmetric or j <= i]
-    bar = tqdm(total=len(pairs), desc=desc, disable=not progress, unit="block")
-    cache2: dict[int, _Features] = {}
-    if cache and not symmetric:
-        cache2 = {j: features(xs2, s) for j, s in enumerate(starts2)}
-    cache1: dict[int, _Features] = {}
-    for i, si in enumerate(starts1):
-        fi = cache1.get(i) or features(x1, si)
-        if cache and symmetric:
-            cache1[i] = fi
-        for j, sj in enumerate(starts2):
-            if symmetric and j > i:
-                break
-            if symmetric and j == i:
-                fj = fi
-            elif cache:
-                fj = (cache1 if symmetric else cache2)[j]
-            else:
-                fj = features(xs2, sj)
-            blk = _block_gram(fi, fj, n_out).cpu().numpy()
-            r, c = si * n_out, sj * n_out
-            K[r:r + blk.shape[0], c:c + blk.shape[1]] = blk
-            if symmetric and j != i:
-                K[c:c + blk.shape[1], r:r + blk.shape[0]] = blk.T
-            bar.update()
+    def put(i, j, fi, fj):
+        blk = _block_gram(fi, fj, n_out).cpu().numpy()
+        r, c = starts1[i] * n_out, starts2[j] * n_out
+        K[r:r + blk.shape[0], c:c + blk.shape[1]] = blk
+        if symmetric and i != j:
+            K[c:c + blk.shape[1], r:r + blk.shape[0]] = blk.T
+        bar.update()
+
+    n_pairs = len(starts1) * (len(starts1) + 1) // 2 if symmetric else len(starts1) * len(starts2)
+    bar = tqdm(total=n_pairs, desc=desc, disable=not progress, unit="block")
+    for p0 in range(0, len(starts1), panel):
+        members = range(p0, min(p0 + panel, len(starts1)))
+        cached = {i: features(x1, starts1[i]) for i in members}
+        if symmetric:
+            for i in members:
+                for j in range(p0, i + 1):
+                    put(i, j, cached[i], cached[j])
+            outside = range(p0)
+        else:
+            outside = range(len(starts2))
+        for j in outside:
+            fj = features(xs2, starts2[j])
+            for i in members:
+                put(i, j, cached[i], fj)
             del fj
+        del cached
     bar.close()
     if symmetric:
         # Diagonal blocks come from one float32 product each and are symmetric to rounding only.
@@ -459,25 +469,30 @@ def _prepare(model, x1, x2, method, block_samples, device, memory_budget):
     return implementation, model, x1, x2, dev, dtype, probe, n_out, plan, budget
 
 
-def _choose_blocks(implementation, model, plan, probe, n_out, itemsize, n_total, n_params, budget,
-                   block_samples) -> tuple[int, bool]:
-    """Block size and whether all features are cached, from the memory budget.
+def _choose_blocks(implementation, model, plan, probe, n_out, itemsize, n1, n_total, n_params, budget,
+                   block_samples) -> tuple[int, int]:
+    """Samples per block and blocks per cached panel, from the memory budget.
 
-    The features of all samples are cached when they fit in half the budget (one pass of feature
-    computations). Otherwise two blocks must be alive at once, with their transients.
+    Per sample, ``kept`` bytes of features stay alive with their block and ``work`` bytes more are
+    needed while a block is computed. If the features of every sample fit next to one computation,
+    everything is computed once. Otherwise a block's computation gets a quarter of the budget and
+    the rest holds a panel of blocks (``_accumulate``).
     """
     if implementation is GramImplementation.STRUCTURED:
-        per_sample, kept = _structured_bytes_per_sample(plan, _probe_shapes(model, plan, probe), n_out, itemsize)
+        work, kept = _structured_bytes_per_sample(plan, _probe_shapes(model, plan, probe), n_out, itemsize)
     else:
         kept = itemsize * n_out * n_params
-        per_sample = 3 * kept  # jacrev's per-tensor Jacobians, the concatenation, the graph
+        work = 3 * kept  # jacrev's per-tensor Jacobians, the concatenation, the graph
     if block_samples is None:
-        block_samples = max(1, min(n_total, int(budget // (2 * per_sample))))
-        if n_total * kept <= budget // 2:
-            # Everything cached: blocks only need to bound the transient of one computation.
-            block_samples = max(1, min(n_total, int((budget // 2) // per_sample)))
-    cache = n_total * kept + 2 * block_samples * per_sample <= budget
-    return block_samples, cache
+        everything = kept * n1
+        room = budget - everything if everything + work <= budget else budget // 4
+        block_samples = max(1, min(n1, int(room // work)))
+        # A K block is (b·L)² float64 with a few temporaries of that size: keep them under budget/4.
+        block_samples = max(1, min(block_samples, int(math.sqrt(budget / 4 / 24)) // n_out))
+    n_blocks = math.ceil(n1 / block_samples)
+    spare = budget - block_samples * work
+    panel = max(1, min(n_blocks, int(spare // max(1, block_samples * kept))))
+    return block_samples, panel
 
 
 def gram_matrix(model: nn.Module, x, *, method: str | GramImplementation = "structured",
@@ -519,32 +534,32 @@ def _run(model, x1, x2, method, block_samples, device, progress, memory_budget, 
     n_params = sum(p.numel() for p in model.parameters())
     n_total = x1.shape[0] + (0 if x2 is None else x2.shape[0])
     itemsize = torch.empty((), dtype=dtype).element_size()
-    block, cache = _choose_blocks(implementation, model, plan, probe, n_out, itemsize, n_total, n_params,
-                                  budget, block_samples)
+    block, panel = _choose_blocks(implementation, model, plan, probe, n_out, itemsize, x1.shape[0], n_total,
+                                  n_params, budget, block_samples)
     params = initial_parameters(model)
-    K, computations = _implementation_to_fn[implementation](model, plan, params, x1, x2, n_out, block, cache,
+    K, computations = _implementation_to_fn[implementation](model, plan, params, x1, x2, n_out, block, panel,
                                                               dev, progress)
     info = GramInfo(method=implementation.value, n_rows=(K.shape[0], K.shape[1]), n_outputs=n_out,
                     n_parameters=n_params, block_samples=block,
                     n_blocks=(math.ceil(x1.shape[0] / block), math.ceil((x1 if x2 is None else x2).shape[0] / block)),
-                    cached=cache, feature_computations=computations, memory_budget=budget, device=str(dev),
+                    panel_blocks=panel, feature_computations=computations, memory_budget=budget, device=str(dev),
                     dtype=str(dtype).replace("torch.", ""), seconds=time.perf_counter() - t0,
                     layers={(layer.name or "<root>"): layer.kind for layer in plan})
-    logger.info("gram %s: %d×%d in %.1f s (blocks of %d samples, cached=%s, %d feature computations)",
-                info.method, K.shape[0], K.shape[1], info.seconds, block, cache, computations)
+    logger.info("gram %s: %d×%d in %.1f s (blocks of %d samples, panels of %d blocks, %d feature computations)",
+                info.method, K.shape[0], K.shape[1], info.seconds, block, panel, computations)
     return (K, info) if return_info else K
 
 
-def _gram_structured(model, plan, params, x1, x2, n_out, block, cache, device, progress):
+def _gram_structured(model, plan, params, x1, x2, n_out, block, panel, device, progress):
     """Outer-product structure for linear layers, unfold Jacobians for convolutions (module docstring)."""
     with torch.no_grad():
-        return _accumulate(_structured_features, model, plan, params, x1, x2, n_out, block, cache, device,
+        return _accumulate(_structured_features, model, plan, params, x1, x2, n_out, block, panel, device,
                            progress, "gram (structured)")
 
 
-def _gram_jacobian(model, plan, params, x1, x2, n_out, block, cache, device, progress):
+def _gram_jacobian(model, plan, params, x1, x2, n_out, block, panel, device, progress):
     """J materialized in row blocks by jacobian_rows; K_IJ = J_I J_Jᵀ. The oracle."""
-    return _accumulate(_jacobian_features, model, plan, params, x1, x2, n_out, block, cache, device,
+    return _accumulate(_jacobian_features, model, plan, params, x1, x2, n_out, block, panel, device,
                        progress, "gram (jacobian)")
 
 

@@ -83,9 +83,22 @@ def test_blocking_does_not_change_k(oracles, block_samples, memory_budget):
     assert rel(K, expected) <= RTOL
     n_blocks = -(-x.shape[0] // block_samples)
     if memory_budget == 1:
-        assert not info.cached and info.feature_computations == n_blocks * (n_blocks + 1) // 2
+        assert info.panel_blocks == 1 and info.feature_computations == n_blocks * (n_blocks + 1) // 2
     else:
-        assert info.cached and info.feature_computations == n_blocks
+        assert info.panel_blocks == n_blocks and info.feature_computations == n_blocks
+
+
+def test_panels_compute_each_block_once_per_panel(oracles, monkeypatch):
+    # 6 samples in blocks of 1 with panels of 2 blocks: 6 computations for the panels themselves,
+    # and the blocks before each panel streamed past it once: 0 + 2 + 4 = 6 more.
+    from jacobian_store import gram as gram_module
+
+    model, x, _ = oracles["lenet-10"]
+    x6 = torch.cat([x, x[:2] * 0.5])
+    monkeypatch.setattr(gram_module, "_choose_blocks", lambda *args, **kwargs: (1, 2))
+    K, info = gram_matrix(model, x6, progress=False, return_info=True)
+    assert info.panel_blocks == 2 and info.feature_computations == 12
+    assert rel(K, jacrev_oracle(model, x6)) <= RTOL
 
 
 def test_gram_is_symmetric_psd(oracles):
@@ -104,8 +117,10 @@ def test_cross_gram(oracles):
         K12 = cross_gram_matrix(model, x, x2, method=method, block_samples=2, progress=False)
         assert K12.shape == (40, 30)
         assert rel(K12, expected) <= RTOL
-    K12_uncached = cross_gram_matrix(model, x, x2, block_samples=2, memory_budget=1, progress=False)
+    K12_uncached, info = cross_gram_matrix(model, x, x2, block_samples=2, memory_budget=1, progress=False,
+                                           return_info=True)
     assert rel(K12_uncached, expected) <= RTOL
+    assert info.panel_blocks == 1 and info.feature_computations == 2 + 2 * 2
     # K(X, X) through the cross path equals the symmetric path.
     assert rel(cross_gram_matrix(model, x, x, progress=False), gram_matrix(model, x, progress=False)) <= RTOL
 
