@@ -483,14 +483,18 @@ def _choose_blocks(implementation, model, plan, probe, n_out, itemsize, n1, n_to
     else:
         kept = itemsize * n_out * n_params
         work = 3 * kept  # jacrev's per-tensor Jacobians, the concatenation, the graph
+    transient = work - kept
+    fits = n1 * kept + transient <= budget
     if block_samples is None:
-        everything = kept * n1
-        room = budget - everything if everything + work <= budget else budget // 4
-        block_samples = max(1, min(n1, int(room // work)))
+        room = budget - n1 * kept if fits else budget // 4
+        block_samples = max(1, min(n1, int(room // max(1, transient if fits else work))))
         # A K block is (b·L)² float64 with a few temporaries of that size: keep them under budget/4.
         block_samples = max(1, min(block_samples, int(math.sqrt(budget / 4 / 24)) // n_out))
     n_blocks = math.ceil(n1 / block_samples)
-    spare = budget - block_samples * work
+    if n1 * kept + block_samples * transient <= budget:
+        return block_samples, n_blocks
+    # Alive while a block streams past a panel: the panel, the streamed block, one block's work.
+    spare = budget - block_samples * (kept + transient)
     panel = max(1, min(n_blocks, int(spare // max(1, block_samples * kept))))
     return block_samples, panel
 
