@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from jacobian_store.architectures import create_model
-from study.spectrum import (FLOAT32_EPS, condition_number, default_cutoff, effective_rank, main, numerical_rank,
+from study.spectrum import (FLOAT32_EPS, condition_number, default_cutoff, effective_rank, main, matrix_rank_cutoff,
+                            numerical_rank,
                             singular_values_from_eigenvalues, singular_values_from_gram, spectrum_from_gram,
                             spectrum_from_singular_values, spectrum_of_model)
 
@@ -61,8 +62,21 @@ def test_numerical_rank_and_condition_number():
     assert numerical_rank(sigma, cutoff=1e-6) == 3
     assert condition_number(sigma, cutoff=1e-6) == pytest.approx(10.0)
     assert math.isnan(condition_number(np.zeros(3)))
-    assert default_cutoff(10.0, m=200, p=1000) == pytest.approx(10.0 * 1000 * FLOAT32_EPS)
-    assert default_cutoff(10.0, m=200) == pytest.approx(10.0 * 200 * FLOAT32_EPS)
+    # √(eps·‖K‖_F) with ‖K‖_F = √Σσ⁴ = √(10⁴ + 4⁴ + 1) here; eps·‖J‖_F is far smaller.
+    assert default_cutoff(sigma) == pytest.approx(math.sqrt(FLOAT32_EPS * math.sqrt(1e4 + 256 + 1)), rel=1e-12)
+    assert default_cutoff(np.ones(4), eps=0.5) == pytest.approx(max(math.sqrt(0.5 * 2.0), 0.5 * 2.0))
+    assert matrix_rank_cutoff(10.0, m=200, p=1000) == pytest.approx(10.0 * 1000 * FLOAT32_EPS)
+    assert matrix_rank_cutoff(10.0, m=200) == pytest.approx(10.0 * 200 * FLOAT32_EPS)
+
+
+def test_matrix_rank_rule_is_available_but_not_the_default():
+    # A wide J (p = 6e6, like LeNet×10): numpy's rule puts the cutoff at 0.72·σ_max and keeps only
+    # the outliers; the Gram-resolution default keeps the whole bulk.
+    sigma = np.r_[np.full(10, 100.0), np.linspace(30.0, 0.6, 990)]
+    wide = spectrum_from_singular_values(sigma, n_rows=1000, n_parameters=6_000_000, cutoff="matrix_rank")
+    assert wide.numerical_rank == 10 and wide.cutoff == pytest.approx(100.0 * 6e6 * FLOAT32_EPS)
+    default = spectrum_from_singular_values(sigma, n_rows=1000, n_parameters=6_000_000)
+    assert default.numerical_rank == 1000 and default.cutoff_rule.startswith("max(sqrt(eps*|K|_F)")
 
 
 def known_svd_matrix(sigma, m, p, seed=0):
@@ -78,7 +92,7 @@ def test_spectrum_from_gram_recovers_known_singular_values():
     report = spectrum_from_gram(J @ J.T, n_parameters=40)
     np.testing.assert_allclose(report.singular_values[:12], sigma[:12], rtol=1e-10)
     assert report.numerical_rank == 12
-    assert report.cutoff == pytest.approx(50.0 * 40 * FLOAT32_EPS, rel=1e-10)
+    assert report.cutoff == pytest.approx(math.sqrt(FLOAT32_EPS * math.sqrt(np.sum(sigma**4))), rel=1e-8)
     assert report.condition_number == pytest.approx(100.0, rel=1e-10)
     assert report.effective_rank == pytest.approx(effective_rank(sigma), rel=1e-9)
     assert report.sigma_min == pytest.approx(0.5, rel=1e-10)
@@ -94,8 +108,10 @@ def test_fewer_parameters_than_rows_keeps_min_m_p_values_and_user_cutoff():
     assert report.singular_values.shape == (3,)
     assert report.numerical_rank == 2 and report.cutoff_rule == "user"
     assert report.condition_number == pytest.approx(1.5)
-    with pytest.raises(ValueError, match="cutoff must be a non-negative number"):
+    with pytest.raises(ValueError, match="cutoff must be a non-negative number, 'gram'"):
         spectrum_from_gram(J @ J.T, cutoff=-1.0)
+    with pytest.raises(ValueError, match="cutoff must be"):
+        spectrum_from_gram(J @ J.T, cutoff="numpy")
 
 
 def test_noise_floor_does_not_count():
@@ -155,3 +171,6 @@ def test_cli_rejects_bad_options(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--n-samples", "20", "--n-train", "30", "--out", str(tmp_path)])
     assert "disagree" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--cutoff", "tiny", "--out", str(tmp_path)])
+    assert "expected a number, 'gram' or 'matrix_rank'" in capsys.readouterr().err
