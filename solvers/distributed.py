@@ -50,7 +50,7 @@ import h5py
 import numpy as np
 
 from ._xp import array_module, module_for_device, to_numpy
-from .operators import RowBlockOperator, _progress
+from .operators import RowBlockOperator, _check_n_outputs, _progress
 
 # Target size of one Dask block of J as stored: large enough that the per-task overhead (a few ms)
 # is small against reading and multiplying it, small enough that a worker holds a few blocks and
@@ -186,10 +186,8 @@ class DaskRowOperator(RowBlockOperator):
 
     def __init__(self, path, dataset: str, client, *, n_outputs: int, chunk_rows: int | None = None,
                  block_bytes: int = DEFAULT_BLOCK_BYTES):
-        da, _ = _require_dask()
+        da, distributed = _require_dask()
         from dask.base import tokenize
-
-        from .operators import _check_n_outputs
 
         if client is None or not hasattr(client, "compute") or not hasattr(client, "scatter"):
             raise TypeError(f"client must be a distributed.Client (e.g. solvers.distributed.connect('local')), got "
@@ -221,6 +219,7 @@ class DaskRowOperator(RowBlockOperator):
         self.block_rows, self.block_cols = min(rows, max(m, 1)), min(cols, max(p, 1))
         source = _H5Rows(self.path, dataset, self.shape, self.dtype)
         name = "lincnn-J-" + tokenize(self.path, dataset, _identity(self.path), self.block_rows, self.block_cols)
+        self._as_completed = distributed.as_completed
         self.array = da.from_array(source, chunks=(self.block_rows, self.block_cols), name=name, lock=False,
                                    asarray=True, fancy=False, meta=np.empty((0, 0), dtype=self.dtype))
         self._da = da
@@ -300,14 +299,18 @@ class DaskRowOperator(RowBlockOperator):
         K = np.empty((m, m), dtype=dtype)
         bar = _progress(progress, total=m, desc="Gram J Jᵀ (Dask)", unit="row")
         for panel in self._panels(panel_bytes, dtype):
-            # the strip of block row i from its diagonal block on: X_i [X_i, X_{i+1}, …]ᵀ
-            strips = self._compute([X.blocks[i] @ X[bounds[i]:].T for i in panel])
-            for i, strip in zip(panel, strips):
+            # the strip of block row i from its diagonal block on: X_i [X_i, X_{i+1}, …]ᵀ; one graph
+            # per panel (each block read once), strips placed in K as they arrive and then dropped
+            futures = self.client.compute([X.blocks[i] @ X[bounds[i]:].T for i in panel])
+            row_of = {future.key: i for future, i in zip(futures, panel)}
+            for future in self._as_completed(futures):
+                i, strip = row_of[future.key], future.result()
                 a, b = bounds[i], bounds[i + 1]
                 K[a:b, a:] = strip
                 K[b:, a:b] = strip[:, b - a:].T
                 diagonal = K[a:b, a:b]
                 K[a:b, a:b] = np.triu(diagonal) + np.triu(diagonal, 1).T
+                future.release()  # the workers drop the strip now, not when the whole panel is done
             bar.update(int(bounds[panel[-1] + 1] - bounds[panel[0]]))
         bar.close()
         return module_for_device(device).asarray(K)

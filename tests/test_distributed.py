@@ -50,10 +50,10 @@ def store_path(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tall_path(tmp_path_factory):
-    """A random 120 × 30 float32 J (n·L > p, so lstsq/ridge take the primal form JᵀJ), in the store's
+    """A random 48 × 20 float32 J (n·L > p, so lstsq/ridge take the primal form JᵀJ), in the store's
     /train/J layout but chunked by 8 rows × 16 columns, so Dask blocks split the columns too."""
     path = tmp_path_factory.mktemp("tall") / "tall.h5"
-    J = np.random.default_rng(0).standard_normal((120, 30)).astype(np.float32)
+    J = np.random.default_rng(0).standard_normal((48, 20)).astype(np.float32)
     with h5py.File(path, "w") as f:
         f.create_dataset("train/J", data=J, chunks=(8, 16))
     return path
@@ -65,7 +65,7 @@ def dask_store_op(store_path, client):
 
 
 def dask_tall_op(tall_path, client):
-    # a row of chunks (8 × 30) exceeds block_bytes, so a block is one chunk: 15 × 2 blocks
+    # a row of chunks (8 × 20) exceeds block_bytes, so a block is one chunk: 6 × 2 blocks
     return DaskRowOperator(tall_path, "train/J", client, n_outputs=1, block_bytes=8 * 16 * 4)
 
 
@@ -75,7 +75,7 @@ def test_products_equal_in_memory(client, store_path, tall_path):
     with h5py.File(tall_path, "r") as f:
         tall = f["train/J"][()]
     cases = [(dask_store_op(store_path, client), lenet), (dask_tall_op(tall_path, client), tall)]
-    assert cases[0][0].array.numblocks == (3, 1) and cases[1][0].array.numblocks == (15, 2)
+    assert cases[0][0].array.numblocks == (3, 1) and cases[1][0].array.numblocks == (6, 2)
     rng = np.random.default_rng(1)
     for op, J in cases:
         ref = ArrayRowOperator(J, n_outputs=op.n_outputs, block_rows=7)  # another blocking on purpose
@@ -93,12 +93,12 @@ def test_products_equal_in_memory(client, store_path, tall_path):
         for got, want, bound in checks:
             assert got.shape == want.shape and got.dtype == np.float64
             assert np.all(np.abs(got - want) <= bound)
-    # K in panels (5 row blocks per panel, 3 computations) equals K in one, and is exactly symmetric
+    # K in panels (2 row blocks per panel, 3 computations) equals K in one, and is exactly symmetric
     op, A = cases[1][0], np.abs(tall.astype(np.float64))
-    assert [len(panel) for panel in op._panels(5 * 8 * 30 * 8, np.float64)] == [5, 5, 5]
-    K = op.gram(panel_bytes=5 * 8 * 30 * 8)
+    assert [len(panel) for panel in op._panels(2 * 8 * 20 * 8, np.float64)] == [2, 2, 2]
+    K = op.gram(panel_bytes=2 * 8 * 20 * 8)
     np.testing.assert_array_equal(K, K.T)
-    assert np.all(np.abs(K - op.gram()) <= 2 * gamma(30) * A @ A.T)
+    assert np.all(np.abs(K - op.gram()) <= 2 * gamma(20) * A @ A.T)
 
 
 # Relative difference ‖u_dask − u_mem‖/‖u_mem‖ allowed. The two Gram matrices differ by at most
@@ -133,12 +133,12 @@ def test_primal_form_sgd_and_writing_the_solution_beside_the_workers(client, sto
     op = dask_tall_op(tall_path, client)
     with h5py.File(tall_path, "r") as f:
         J = f["train/J"][()]
-    r = np.random.default_rng(2).standard_normal(120)
+    r = np.random.default_rng(2).standard_normal(48)
     results = {}
     for method, options in [("lstsq", {}), ("ridge", {"lam": 0.5})]:
         got, want = solve(op, r, method, **options), solve(J, r, method, **options)
         assert got.form == "primal"
-        assert np.linalg.norm(got.u - want.u) <= 1e-10 * np.linalg.norm(want.u)  # κ(JᵀJ) ≈ 10 here
+        assert np.linalg.norm(got.u - want.u) <= 1e-10 * np.linalg.norm(want.u)  # κ(JᵀJ) ≈ 20 here
         results[method] = got
     # J held in the workers' memory: the same answer
     held = dask_tall_op(tall_path, client).persist()
