@@ -18,15 +18,15 @@ Implementations (:class:`GramImplementation`, dispatched through ``_implementati
     (Δ Δᵀ) ∘ (A Aᵀ + 1) with A Aᵀ broadcast over the outputs l, m. Cost O(n²·(fan_in + L²·fan_out)),
     not O(n²·L²·fan_in·fan_out), and the layer's weight Jacobian is never formed.
   * ``nn.Conv2d`` (groups 1, numeric zero padding): the per-row weight gradient is
-    Δ_il U_iᵀ with U_i = unfold(input_i) (C_in·k² × P patches), formed for the whole block by one
-    batched matmul, and K gets G_I G_Jᵀ. Why materialize here: the structured alternative
-    ⟨Δ_il U_iᵀ, Δ_jm U_jᵀ⟩ = Σ_pq (Δ_ilᵀ Δ_jm)_pq (U_iᵀ U_j)_pq costs about P²·C_out per row pair
-    against C_out·C_in·k² for the materialized product, and P² ≫ C_in·k² in LeNet and AlexNet
-    (LeNet conv1: P² = 784², C_in·k² = 25). Why unfold rather than ``vmap(jacrev)`` over the conv
-    parameters: the Δ are already there from the backward passes the linear layers need, so the
-    conv Jacobian is one batched matmul per layer instead of a second vectorized backward pass;
-    on LeNet×5 (CPU, 2 threads, 100 samples) unfold took 0.31 s against 0.69 s for ``vmap(jacrev)``
-    (``benchmarks/bench_gram.py --conv`` measures it).
+    G_il = Δ_il U_iᵀ with U_i the C_in·k² × P input patches (im2col), formed for the whole block by
+    one batched matmul, and K gets G_I G_Jᵀ: C_out·C_in·k² per row pair. Why materialize: the
+    structured alternative ⟨G_il, G_jm⟩ = ⟨Δ_il (U_iᵀ U_j), Δ_jm⟩ costs about
+    P²·(C_in·k²/L² + C_out/L) per row pair, more in LeNet up to width ≈ 13 (conv1: P = 784;
+    conv2 at ×10: 3.1e5 against 2.4e5) and in AlexNet's early layers. Why im2col rather than
+    ``vmap(jacrev)`` over the conv parameters: the Δ are already there from the backward passes the
+    linear layers need, so a conv layer's Jacobian is one batched matmul instead of a second,
+    vectorized backward pass through the whole network (``benchmarks/bench_gram.py --conv``
+    measures both; see CONV_TIMINGS below).
   * anything else that holds parameters (another layer type, a Linear on 3-D input, a Conv2d with
     groups or string padding, a module called more than once per forward): per-layer Jacobians by
     ``vmap(jacrev)`` restricted to those parameters, then G_I G_Jᵀ like the convolutions.
@@ -55,7 +55,6 @@ import copy
 import enum
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -73,7 +72,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["GramImplementation", "GramInfo", "gram_matrix", "cross_gram_matrix", "layer_plan"]
 
 # Columns per float32 product before the partial sum is added into float64: bounds the length of
-# float32 accumulations (rounding grows with it) at no measurable cost in speed.
+# float32 accumulations (rounding grows with it); each chunk is still a large, efficient GEMM.
 _COLUMN_CHUNK = 16384
 
 
@@ -376,6 +375,10 @@ def _accumulate(feature_fn: Callable, model, plan, params, x1: torch.Tensor, x2:
 
     def put(i, j, fi, fj):
         blk = _block_gram(fi, fj, n_out).cpu().numpy()
+        if symmetric and i == j:
+            # A diagonal block is one float32 product, symmetric up to rounding only: symmetrize it
+            # (the off-diagonal blocks are mirrored exactly), with no temporary of K's size.
+            blk = 0.5 * (blk + blk.T)
         r, c = starts1[i] * n_out, starts2[j] * n_out
         K[r:r + blk.shape[0], c:c + blk.shape[1]] = blk
         if symmetric and i != j:
@@ -401,10 +404,6 @@ def _accumulate(feature_fn: Callable, model, plan, params, x1: torch.Tensor, x2:
             del fj
         del cached
     bar.close()
-    if symmetric:
-        # Diagonal blocks come from one float32 product each and are symmetric to rounding only.
-        K += K.T
-        K *= 0.5
     return K, count[0]
 
 
@@ -469,8 +468,7 @@ def _prepare(model, x1, x2, method, block_samples, device, memory_budget):
     return implementation, model, x1, x2, dev, dtype, probe, n_out, plan, budget
 
 
-def _choose_blocks(implementation, model, plan, probe, n_out, itemsize, n1, n_total, n_params, budget,
-                   block_samples) -> tuple[int, int]:
+def _choose_blocks(implementation, model, plan, probe, n_out, itemsize, n1, n_params, budget, block_samples) -> tuple[int, int]:
     """Samples per block and blocks per cached panel, from the memory budget.
 
     Per sample, ``kept`` bytes of features stay alive with their block and ``work`` bytes more are
@@ -536,10 +534,9 @@ def _run(model, x1, x2, method, block_samples, device, progress, memory_budget, 
     implementation, model, x1, x2, dev, dtype, probe, n_out, plan, budget = _prepare(
         model, x1, x2, method, block_samples, device, memory_budget)
     n_params = sum(p.numel() for p in model.parameters())
-    n_total = x1.shape[0] + (0 if x2 is None else x2.shape[0])
     itemsize = torch.empty((), dtype=dtype).element_size()
-    block, panel = _choose_blocks(implementation, model, plan, probe, n_out, itemsize, x1.shape[0], n_total,
-                                  n_params, budget, block_samples)
+    block, panel = _choose_blocks(implementation, model, plan, probe, n_out, itemsize, x1.shape[0], n_params,
+                                  budget, block_samples)
     params = initial_parameters(model)
     K, computations = _implementation_to_fn[implementation](model, plan, params, x1, x2, n_out, block, panel,
                                                               dev, progress)
