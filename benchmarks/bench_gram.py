@@ -98,7 +98,7 @@ def run_case(args) -> None:
     out = {"width": args.width, "n": int(x.shape[0]), "method": args.method, "dataset": ds.name,
            "p": n_parameters(model), "seconds": seconds, "peak_rss_rise_mb": (rss1 - rss0) / 1024,
            "memory_probe": "VmHWM after clear_refs" if peak_reset else "ru_maxrss rise",
-           "block_samples": info.block_samples, "cached": info.cached,
+           "block_samples": info.block_samples, "panel_blocks": info.panel_blocks,
            "feature_computations": info.feature_computations}
     if torch.cuda.is_available() and str(info.device).startswith("cuda"):
         out["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
