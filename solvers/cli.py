@@ -13,6 +13,7 @@ stored training set; test accuracy that of f0(x) + J(x) u on the test set, with 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import math
@@ -95,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="refuse a method needing more (e.g. 16G; default: 80%% of the memory available now)")
     out.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                      help="auto: the GPU when CuPy/PyTorch see one (default), else the CPU")
+    out.add_argument("--scheduler", metavar="ADDRESS|local",
+                     help="run lstsq, ridge, cg or rsvd on a Dask cluster: 'local' starts one on this machine (one "
+                          "worker process per core), else the address of a running scheduler (tcp://host:8786); "
+                          "needs pip install 'lincnn[distributed]', and workers on other machines need the store "
+                          "on a shared filesystem at the same path")
     out.add_argument("--data-root", type=Path, help="where the store's dataset lives, for the test accuracy")
     out.add_argument("--no-test", action="store_true", help="skip the test-set evaluation")
     out.add_argument("--eval-batch-size", type=int, default=256, help="test samples per jvp (default 256)")
@@ -109,10 +115,14 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     method = args.method
+    if args.scheduler and method == "sgd":
+        parser.error("--scheduler runs lstsq, ridge, cg and rsvd; sgd reads its mini-batches locally, drop --scheduler")
+    if args.scheduler and args.driver:
+        parser.error("--driver solves with LAPACK on J held in local memory; it does not combine with --scheduler")
     options = _options_from_args(parser, args, method)
     try:
         return _run(args, method, options)
-    except (MemoryLimitError, ValueError, TypeError, OSError) as error:
+    except (MemoryLimitError, ValueError, TypeError, OSError, ImportError) as error:
         print(f"bin/solve: error: {error}", file=sys.stderr)
         return 2
     except Exception as error:  # StoreError and DatasetError are RuntimeError/ValueError subclasses
@@ -152,8 +162,14 @@ def _run(args, method, options) -> int:
 
     started = time.perf_counter()
     mode = "r" if args.no_save else "r+"
-    with JacobianStore.open(args.store, mode=mode) as store:
-        J = store.train_J
+    with JacobianStore.open(args.store, mode=mode) as store, contextlib.ExitStack() as cluster:
+        J = store.train_J  # checks the build (and shards) before any cluster is started
+        if args.scheduler:
+            from .distributed import connect, dask_operator_from_store
+
+            client = connect(args.scheduler)
+            cluster.callback(client.close)  # closed before the store; a local cluster goes with it
+            J = dask_operator_from_store(store, client)
         r = store.residual()
         f0, targets = store.f0("train"), store.targets("train")
         common = dict(device=args.device, memory_limit=args.memory_limit, progress=not args.quiet)
@@ -180,7 +196,7 @@ def _run(args, method, options) -> int:
         standard = _standard_metrics(args.standard_run)
         init = evaluation.at_init(f0, targets)
         stem = args.store.with_suffix("")
-        payload = {"store": str(args.store), "store_summary": store.summary(), "command": _command(args),
+        payload = {"store": str(args.store), "store_summary": store.summary(), "command": _command(args), "scheduler": args.scheduler,
                    "initial": init, "standard": standard, "seconds": time.perf_counter() - started}
     if args.path:
         prefix = args.out or Path(f"{stem}.{name}")

@@ -8,6 +8,7 @@ computations differ entrywise by at most 2γ_n |x|ᵀ|y|: the product tests chec
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -234,3 +235,21 @@ def test_missing_dask_names_the_extra(monkeypatch):
     with pytest.raises(ImportError, match=r"lincnn\[distributed\]"):
         connect("local")
 
+
+
+def test_cli_scheduler(client, store_path, tmp_path, capsys):
+    from solvers.cli import main
+
+    path = tmp_path / "s.h5"
+    shutil.copy(store_path, path)
+    assert main(["--store", str(path), "--method", "ridge", "--lambda", "1e-2", "--scheduler",
+                 client.scheduler.address, "--no-test", "--quiet"]) == 0
+    record = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert record["scheduler"] == client.scheduler.address
+    with JacobianStore.open(path) as store:
+        u_cluster, _ = store.read_solution(store.solution_names()[0])
+        expected = solve(store.train_J, store.residual(), method="ridge", lam=1e-2).u
+    np.testing.assert_allclose(u_cluster, expected, rtol=1e-9, atol=1e-12)
+    with pytest.raises(SystemExit):
+        main(["--store", str(path), "--method", "sgd", "--lr", "0.1", "--scheduler", "local"])
+    assert "sgd reads its mini-batches locally" in capsys.readouterr().err
