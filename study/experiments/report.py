@@ -33,7 +33,9 @@ def write_report(run_dir: str | Path, figures: bool = True) -> tuple[str, list[P
     """Write ``report.md`` and the figures into ``run_dir``; return (Markdown, figure paths)."""
     run_dir = Path(run_dir)
     exp, records = load_run(run_dir)
-    lines = [f"# {exp.name} ({exp.preset} preset)", ""]
+    # Presets belong to experiment files; a config built in code (bin/demo, tests) has none to name.
+    preset = f" ({exp.preset} preset)" if exp.source.endswith(".toml") else ""
+    lines = [f"# {exp.name}{preset}", ""]
     if exp.description:
         lines += [exp.description, ""]
     lines += [_setup_line(exp, records), ""]
@@ -243,8 +245,9 @@ def _spectrum(exp: Experiment, records: list[dict], figure_dir: Path | None):
                          _sci(_stats([r["metrics"]["condition_number"] for r in recs])[0]),
                          stat("sigma_max", digits=3), stat("stable_rank", digits=2)])
     lines = ["Singular values σ of J(w0, X) (n·L rows) from the Gram matrix K = J Jᵀ at initialization. "
-             "Effective rank: exp of the entropy of σ/Σσ; numerical rank: σ > rcond·σ_max with the lstsq "
-             "cut-off; condition number over the kept σ (mean over seeds).", ""] + _table(header, rows)
+             "Numerical rank: σ > τ = max(√(max(n·L, p)·ε₆₄)·σ_max, ε₃₂·‖J‖_F), the cut-off of the lstsq solver; "
+             "effective rank: exp of the entropy of σ/Σσ over the kept σ; condition number: σ_max over the "
+             "smallest kept σ (mean over seeds); stable rank: Σσ²/σ_max².", ""] + _table(header, rows)
     paths = []
     if figure_dir is not None and records:
         if "effective_rank" in exp.figures:

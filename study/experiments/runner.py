@@ -135,7 +135,7 @@ class Runner:
             out["solver"] = {"method": unit.name, "store_dtype": exp.solver["store_dtype"],
                              **exp.solver.get(unit.name, {})}
         if unit.name == "spectrum":
-            out["spectrum"] = {"method": exp.spectrum["method"]}
+            out["spectrum"] = {"method": exp.spectrum["method"], "cutoff": "lstsq"}
         if unit.name.endswith("-path"):
             out["regularization"] = exp.regularization
             out["store_dtype"] = exp.solver["store_dtype"]
@@ -191,7 +191,8 @@ class Runner:
         return resolve_device(self.device)
 
     def _solver_device(self) -> str:
-        return "cpu" if self._torch_device().type == "cpu" else "cuda"
+        # The solvers run on the GPU through CuPy: "auto" uses it when installed, else the host.
+        return "cpu" if self._torch_device().type == "cpu" else "auto"
 
     def _run_model(self, unit: Unit, settings: dict):
         from study.train import CHECKPOINT_NAME, train
