@@ -13,11 +13,16 @@ u ∈ ℝᵖ is mapped to per-tensor views by :func:`unflatten`.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.func import functional_call, jacrev, jvp, vjp, vmap
+
+# torch.func.jvp loads TorchScript decompositions on first use and warns that torch.jit.script is
+# deprecated: torch's own business, printed once into every user's output otherwise.
+warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
 
 
 @dataclass(frozen=True)
