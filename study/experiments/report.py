@@ -59,10 +59,16 @@ def _setup_line(exp: Experiment, records: list[dict]) -> str:
     t = exp.train
     seconds = sum(r.get("seconds", 0.0) for r in records)
     devices = sorted({r.get("device", "?") for r in records})
-    return (f"{exp.grid['arch']} at widths {', '.join(f'{w:g}' for w in exp.grid['widths'])}; seeds "
-            f"{', '.join(map(str, exp.grid['seeds']))}; data {', '.join(v['label'] for v in exp.variants)} "
-            f"({sizes}{binary}); SGD {t['epochs']} epochs, batch {t['batch_size']}, momentum {t['momentum']}. "
-            f"{len(records)} units finished, {seconds / 60:.1f} min of compute on {', '.join(devices) or '-'}.")
+    data = f"data {', '.join(v['label'] for v in exp.variants)} ({sizes}{binary})"
+    done = f"{len(records)} units finished, {seconds / 60:.1f} min of compute on {', '.join(devices) or '-'}."
+    if exp.kind == "regularization":
+        reg = exp.regularization
+        return f"{exp.grid['arch']} ×{reg['width']:g}, seed {reg['seed']}; {data}. {done}"
+    grid = (f"{exp.grid['arch']} at widths {', '.join(f'{w:g}' for w in exp.grid['widths'])}; seeds "
+            f"{', '.join(map(str, exp.grid['seeds']))}; {data}")
+    if exp.kind == "compare":
+        grid += f"; SGD {t['epochs']} epochs, batch {t['batch_size']}, momentum {t['momentum']}"
+    return f"{grid}. {done}"
 
 
 def _stats(values) -> tuple[float, float, int]:
@@ -335,7 +341,8 @@ def _regularization(exp: Experiment, records: list[dict], figure_dir: Path | Non
             m = lstsq[variant]
             lines += ["", f"### {variant}", "", f"Reference, exact minimum-norm lstsq: train {m['train_acc'] * 100:.2f}, "
                       f"test {m['test_acc'] * 100:.2f}, ‖u‖ {m['u_norm']:.4g}, residual {m['relative_residual']:.3g}."]
-        for method, metrics in paths_by_variant[variant].items():
+        for method in [m for m in _KNOB_LABELS if m in paths_by_variant[variant]]:
+            metrics = paths_by_variant[variant][method]
             rows = [[f"{p['value']:g}", f"{p['train_acc'] * 100:.2f}", f"{p['test_acc'] * 100:.2f}",
                      f"{p['u_norm']:.4g}", f"{p['relative_residual']:.3g}"] for p in metrics["points"]]
             lines += ["", f"**{_KNOB_LABELS[method]}** ({metrics['solve_seconds']:.1f} s for the whole path)", ""]
