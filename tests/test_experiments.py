@@ -143,8 +143,10 @@ def test_run_records_resume_and_refuse_changed_settings(tmp_path, monkeypatch):
     assert calls == ["standard"]
     assert {r["key"]: r["metrics"]["test_acc"] for r in again} == {k: m["test_acc"] for k, m in by_key.items()}
 
+    before = (tmp_path / "experiment.json").read_text()
     with pytest.raises(ExperimentError, match=r"train.lr was 0.05, now 0.01"):
         Runner(tiny(train={"lr": 0.01}), tmp_path, progress=False).run()
+    assert (tmp_path / "experiment.json").read_text() == before  # a refused run changes nothing
     # growing the grid keeps the finished units
     calls.clear()
     Runner(tiny(grid={"seeds": [0, 1, 2], "solvers": []}), tmp_path, progress=False).run()
@@ -253,6 +255,8 @@ def test_cli_list_run_report_and_errors(tmp_path, capsys):
     assert cli.main(["mnsit"]) == 2
     assert "unknown experiment 'mnsit'" in capsys.readouterr().err
     assert cli.main(["report", str(tmp_path / "nothing")]) == 2
+    assert cli.main(["spectrum", "--search", "--out", str(tmp_path / "s"), "--quiet"]) == 2
+    assert "nothing to tune" in capsys.readouterr().err
 
 
 def test_demo_runs_on_digits(tmp_path, capsys):

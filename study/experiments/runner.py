@@ -145,32 +145,40 @@ class Runner:
     def run(self, search: bool = False) -> list[dict]:
         """Run every unit not yet finished; returns all records of the run directory."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(self.run_dir / "experiment.json", self.exp.to_dict())
         if search:
             from .search import run_search
 
             if self.exp.kind != "compare":
                 raise ExperimentError(f"--search tunes the SGD of compare experiments; {self.exp.name} is a "
                                       f"{self.exp.kind} experiment with nothing to tune")
-
             self.selected = run_search(self)
         units = plan_units(self.exp)
+        for unit in units:  # refuse before anything is written, so a refused run leaves the directory as it was
+            self._check_record(unit)
+        write_json_atomic(self.run_dir / "experiment.json", self.exp.to_dict())
         bar = _tqdm(units, desc=f"{self.exp.name} [{self.exp.preset}]", unit="unit", disable=not self.progress)
         for unit in bar:
             bar.set_postfix_str(unit.key)
             self.run_unit(unit)
         return load_records(self.run_dir)
 
-    def run_unit(self, unit: Unit) -> dict:
+    def _check_record(self, unit: Unit) -> dict | None:
+        """The unit's finished record when its settings match; None when there is none; else an error."""
         path = self.run_dir / "records" / f"{unit.key}.json"
         settings = self.settings(unit)
         existing = read_record(path)
+        if existing is None or existing.get("settings_digest") == settings_digest(settings):
+            return existing
+        raise ExperimentError(
+            f"{path} was made with other settings ({_first_difference(existing.get('settings', {}), settings)}); "
+            f"rerun with the settings it was made with, use another --out, or delete that record to recompute it")
+
+    def run_unit(self, unit: Unit) -> dict:
+        existing = self._check_record(unit)
         if existing is not None:
-            if existing.get("settings_digest") == settings_digest(settings):
-                return existing
-            raise ExperimentError(
-                f"{path} was made with other settings ({_first_difference(existing.get('settings', {}), settings)}); "
-                f"rerun with the settings it was made with, use another --out, or delete that record to recompute it")
+            return existing
+        path = self.run_dir / "records" / f"{unit.key}.json"
+        settings = self.settings(unit)
         run = {"standard": self._run_model, "linearized": self._run_model, "spectrum": self._run_spectrum}.get(
             unit.name, self._run_path if unit.name.endswith("-path") else self._run_solver)
         with Clock() as clock:
