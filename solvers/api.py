@@ -72,10 +72,12 @@ def solve(J, r, method: str = "lstsq", *, n_outputs: int | None = None, device: 
         plan = memory_plan(op, "lstsq", {}, form=resolve_form("auto", op.shape))
         method = "lstsq" if limit is None or sum(b for _, b in plan) <= limit else "cg"
     opts = _validate_options(op, method, options)
-    _check_plan(op, method, opts, dev, limit)
+    plan_total = _check_plan(op, method, opts, dev, limit)
     if check_finite:
         op.check_finite()
-    result = _SOLVERS[method](op, r, device=dev, progress=progress, **opts)
+    work_op = _held_in_memory(op, method, dev, limit, plan_total)
+    result = _SOLVERS[method](work_op, r, device=dev, progress=progress, **opts)
+    result.extras["J_held_in_memory"] = work_op is not op
     return _finalize(result, op, requested, dev, opts, limit, check_finite, t0)
 
 
@@ -99,17 +101,20 @@ def solve_path(J, r, method: str, values, *, n_outputs: int | None = None, devic
     opts = _validate_options(op, method, {**options, knob: max(values)})
     opts.pop(knob)
     planned = {**opts, knob: max(values)}
-    _check_plan(op, method, planned, dev, limit, n_knobs=len(values))
+    plan_total = _check_plan(op, method, planned, dev, limit, n_knobs=len(values))
     if "panel_bytes" in opts:
         opts["panel_bytes"] = planned["panel_bytes"]
     if check_finite:
         op.check_finite()
+    work_op = _held_in_memory(op, method, dev, limit, plan_total)
     if method == "cg":  # a path runs to its largest count unless tolerances are asked for
         opts["tol"], opts["normal_tol"] = options.get("tol", 0.0), options.get("normal_tol", 0.0)
     extra = {k: opts.pop(k) for k in ("factorization", "driver") if k in opts}
     if method == "ridge" and extra.get("factorization", "auto") not in ("auto", "eigh"):
         raise ValueError("the ridge path always uses one eigendecomposition; drop factorization=")
-    results = _PATHS[method](op, r, values, device=dev, progress=progress, **opts)
+    results = _PATHS[method](work_op, r, values, device=dev, progress=progress, **opts)
+    for res in results:
+        res.extras["J_held_in_memory"] = work_op is not op
     return [_finalize(res, op, method, dev, {**opts, knob: v}, limit, check_finite, t0, path=True)
             for res, v in zip(results, values)]
 
@@ -233,7 +238,26 @@ def _check_plan(op, method, opts, dev, limit, n_knobs=1):
     if form == "dual" and opts.get("panel_bytes") is None:
         opts["panel_bytes"] = choose_panel_bytes(op, limit, sum(b for _, b in fixed))
     plan = memory_plan(op, method, opts, form=form, n_knobs=n_knobs, panel_bytes=opts.get("panel_bytes") or 0)
-    check_memory(plan, limit, method=method, form=form, device="cpu" if opts.get("driver") else dev)
+    return check_memory(plan, limit, method=method, form=form, device="cpu" if opts.get("driver") else dev)
+
+
+# Methods that pass over J many times (CGLS twice per iteration, the range finder 2q + 2 times).
+_MULTI_PASS = ("cg", "rsvd")
+
+
+def _held_in_memory(op, method: str, device: str, limit: int | None, plan_total: int):
+    """J as a float64 in-memory operator when a multi-pass method can afford it, else ``op``.
+
+    Every pass over a stored J reads it from HDF5 and casts each block to float64; holding the
+    float64 copy once makes each later pass one BLAS product. Taken only when the copy fits beside
+    the method's own plan within the memory limit, so the out-of-core guarantee is unchanged.
+    """
+    if method not in _MULTI_PASS or isinstance(op, ArrayRowOperator) or device != "cpu" or limit is None:
+        return op
+    m, p = op.shape
+    if plan_total + 8 * m * p > limit:
+        return op
+    return ArrayRowOperator(op.to_dense().astype(np.float64, copy=False), op.n_outputs)
 
 
 def _finalize(result: SolveResult, op, requested, dev, opts, limit, check_finite, t0, path=False) -> SolveResult:
