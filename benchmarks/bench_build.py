@@ -1,11 +1,13 @@
 """Jacobian store build speed: lincnn's chunked vmap(jacrev) build against two references.
 
 For LeNet ×1, ×2, ×5 on MNIST (10 outputs), in one run:
-- store:  ``build_store`` into a fresh HDF5 file (rows/s, MB/s, including the HDF5 writes);
-- loop:   the obvious implementation, one backward pass per sample and output (L per sample),
-          rows computed in memory only (no writes), timed on a subset of the samples;
-- raw:    h5py writing the same number of bytes with the same chunk shape, no computation:
-          the write bandwidth ceiling of this machine.
+- store:   ``build_store`` into a fresh HDF5 file (rows/s, MB/s, including the HDF5 writes);
+- loop:    the obvious build, one backward pass per sample and output (L per sample), each row
+           written to HDF5 as it is made, timed on a subset of the samples;
+- raw:     h5py writing the same number of bytes with the same chunk shape, no computation:
+           the write bandwidth ceiling of this machine;
+- compute: rows/s of lincnn's chunked vmap(jacrev) and of the loop with no writes at all, to show
+           which side (computation or I/O) bounds each width.
 Targets (issue 2): store ≥ 3× loop at every width; store ≥ ½ raw bandwidth at ×1.
 
     .venv/bin/python benchmarks/bench_build.py [--gigabytes 1] [--widths 1 2 5] [--dir /tmp]
@@ -24,22 +26,46 @@ import torch
 
 from jacobian_store.architectures import create_model
 from jacobian_store.build import BuildSpec, build_store, choose_chunking, default_memory_budget
+from jacobian_store.functional import initial_parameters, jacobian_rows
 from study.data import load_dataset
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
-def loop_rows_per_second(model, x: torch.Tensor) -> float:
-    """Rows/s of the per-output backward loop: L backward passes for each sample."""
+def loop_rows_per_second(model, x: torch.Tensor, path: Path | None) -> float:
+    """Rows/s of the obvious build: L backward passes per sample, each row written as it is made.
+
+    With ``path`` None the rows are only computed (the compute side of the comparison).
+    """
     params = list(model.parameters())
+    n_params = sum(p.numel() for p in params)
+    n_outputs = model(x[:1]).shape[1]
+    file = h5py.File(path, "w") if path is not None else None
+    rows_out = None if file is None else file.create_dataset("J", shape=(x.shape[0] * n_outputs, n_params),
+                                                             dtype=np.float32, chunks=(n_outputs, n_params))
     started = time.perf_counter()
-    rows = 0
+    row = 0
     for xi in x:
         out = model(xi.unsqueeze(0))[0]
-        for l in range(out.shape[0]):
-            grads = torch.autograd.grad(out[l], params, retain_graph=l + 1 < out.shape[0])
-            torch.cat([g.reshape(-1) for g in grads])
-            rows += 1
+        for l in range(n_outputs):
+            grads = torch.autograd.grad(out[l], params, retain_graph=l + 1 < n_outputs)
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            if rows_out is not None:
+                rows_out[row] = flat.numpy()
+            row += 1
+    if file is not None:
+        file.close()
+        path.unlink()
+    return row / (time.perf_counter() - started)
+
+
+def vmap_rows_per_second(model, x: torch.Tensor, chunk_samples: int) -> float:
+    """Rows/s of lincnn's chunked vmap(jacrev), computed only (the compute side of the comparison)."""
+    params = initial_parameters(model)
+    started = time.perf_counter()
+    rows = 0
+    for start in range(0, x.shape[0], chunk_samples):
+        rows += jacobian_rows(model, params, x[start:start + chunk_samples]).shape[0]
     return rows / (time.perf_counter() - started)
 
 
@@ -69,8 +95,9 @@ def main(argv=None) -> int:
     dataset_name = "mnist" if use_mnist else "digits"
     print(f"data: {dataset_name}{' from ' + str(SHARED_DATA) if use_mnist else ' (../shared/data absent)'}; "
           f"torch threads: {torch.get_num_threads()}")
-    header = (f"{'width':>5} {'p':>10} {'rows':>6} {'store rows/s':>12} {'store MB/s':>10} {'loop rows/s':>11} "
-              f"{'raw MB/s':>9} {'× loop':>7} {'of raw':>7}")
+    print("rows/s of J; 'store' and 'loop' include writing the rows to HDF5, 'compute' columns do not\n")
+    header = (f"{'width':>5} {'p':>10} {'rows':>6} {'store':>7} {'MB/s':>6} {'loop':>6} {'raw MB/s':>8} "
+              f"{'× loop':>7} {'of raw':>6} {'compute vmap':>12} {'compute loop':>12}")
     print(header)
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         for width in args.widths:
@@ -80,14 +107,24 @@ def main(argv=None) -> int:
             dataset = load_dataset(dataset_name, data_root=SHARED_DATA if use_mnist else None,
                                    n_train=n_samples, n_test=10)
             n_samples = dataset.train.x.shape[0]
+            # vmap's first call traces the model (about a second): a real build pays it once per run,
+            # so it is paid here before the clock starts, as the loop's autograd warm-up is below.
+            jacobian_rows(model, initial_parameters(model), dataset.train.x[:2])
+            loop_rows_per_second(model, dataset.train.x[:1], None)
             report = build_store(Path(tmp) / f"w{width:g}.h5", BuildSpec("lenet", width), dataset, progress=False)
             (Path(tmp) / f"w{width:g}.h5").unlink()
-            loop = loop_rows_per_second(model, dataset.train.x[:args.loop_samples])
-            _, chunk_rows, _ = choose_chunking(10, n_params, 4, default_memory_budget(torch.device("cpu")), None)
+            x_loop = dataset.train.x[:args.loop_samples]
+            loop = loop_rows_per_second(model, x_loop, Path(tmp) / "loop.h5")
+            chunk_samples, chunk_rows, _ = choose_chunking(10, n_params, 4, default_memory_budget(torch.device("cpu")),
+                                                           None)
             raw = raw_write_megabytes_per_second(Path(tmp) / "raw.h5", n_samples * 10, n_params, chunk_rows)
-            print(f"{width:>5g} {n_params:>10,} {n_samples * 10:>6} {report.rows_per_second:>12,.0f} "
-                  f"{report.megabytes_per_second:>10,.0f} {loop:>11,.0f} {raw:>9,.0f} "
-                  f"{report.rows_per_second / loop:>6.1f}× {report.megabytes_per_second / raw:>6.0%}", flush=True)
+            compute_vmap = vmap_rows_per_second(model, dataset.train.x[:max(args.loop_samples, chunk_samples)],
+                                                chunk_samples)
+            compute_loop = loop_rows_per_second(model, x_loop, None)
+            print(f"{width:>5g} {n_params:>10,} {n_samples * 10:>6} {report.rows_per_second:>7,.0f} "
+                  f"{report.megabytes_per_second:>6,.0f} {loop:>6,.0f} {raw:>8,.0f} "
+                  f"{report.rows_per_second / loop:>6.1f}× {report.megabytes_per_second / raw:>6.0%} "
+                  f"{compute_vmap:>12,.0f} {compute_loop:>12,.0f}", flush=True)
     return 0
 
 
