@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from jacobian_store.architectures import available_models, create_model
-from jacobian_store.functional import initial_parameters, jacobian_rows, parameter_layout
+from jacobian_store.functional import initial_parameters, jacobian_rows, parameter_layout, resolve_device
 from jacobian_store.store import FORMAT_VERSION, JacobianStore, StoreError, dataset_spec_json
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -87,14 +87,6 @@ class BuildReport:
         return (f"{self.path}: J {self.shape[0]:,} × {self.shape[1]:,} ({self.bytes / 1e9:.3g} GB); built "
                 f"{self.rows_built:,} rows in {self.seconds:.1f} s on {self.device} "
                 f"({self.rows_per_second:,.0f} rows/s, {self.megabytes_per_second:,.0f} MB/s)")
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
-    return torch.device(device)
 
 
 def disable_tf32() -> None:

@@ -233,7 +233,7 @@ class JacobianStore:
             del group[name]
         entry = group.create_group(name)
         entry.create_dataset("u", data=u)
-        entry.attrs["info"] = json.dumps(info, sort_keys=True, default=_json_default)
+        entry.attrs["info"] = json.dumps(info, sort_keys=True, default=json_default)
         self.file.flush()
 
     def read_solution(self, name: str) -> tuple[np.ndarray, dict]:
@@ -252,7 +252,8 @@ class JacobianStore:
                 f"{len(self.solution_names())} solution(s)")
 
 
-def _json_default(value):
+def json_default(value):
+    """``json.dumps(default=...)`` for the NumPy scalars, arrays and paths that records hold."""
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, np.ndarray):

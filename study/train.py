@@ -46,8 +46,8 @@ from torch import nn
 from torch.func import functional_call
 
 from jacobian_store.architectures import available_models, create_model
-from jacobian_store.functional import (initial_parameters, jvp_outputs, parameter_layout, unflatten,
-                                       vjp_flat)
+from jacobian_store.functional import (initial_parameters, jvp_outputs, parameter_layout, resolve_device,
+                                       unflatten, vjp_flat)
 from solvers.minibatches import minibatches, step_learning_rate
 
 MODEL_KINDS = ("standard", "linearized")
@@ -335,13 +335,6 @@ def _evaluate(model, u, dataset, batch_size: int) -> dict:
 
 # --------------------------------------------------------------------------------------------------
 # Setup, checkpoints
-
-
-def resolve_device(device: str) -> torch.device:
-    """"auto" → CUDA when available, else CPU; anything else is passed to torch.device."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def initial_model(config: TrainConfig, dataset, device: torch.device | str = "cpu") -> nn.Module:

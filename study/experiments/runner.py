@@ -194,7 +194,7 @@ class Runner:
 
     # -- unit implementations ------------------------------------------------------------------
     def _torch_device(self) -> torch.device:
-        from study.train import resolve_device
+        from jacobian_store.functional import resolve_device
 
         return resolve_device(self.device)
 
