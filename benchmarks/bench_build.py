@@ -6,8 +6,8 @@ For LeNet ×1, ×2, ×5 on MNIST (10 outputs), in one run:
            written to HDF5 as it is made, timed on a subset of the samples;
 - raw:     h5py writing the same number of bytes with the same chunk shape, no computation:
            the write bandwidth ceiling of this machine;
-- compute: rows/s of lincnn's chunked vmap(jacrev) and of the loop with no writes at all, to show
-           which side (computation or I/O) bounds each width.
+- compute: rows/s of the store's layer-by-layer rows, of vmap(jacrev) of the whole network and of
+           the loop, with no writes at all, to show which side (computation or I/O) bounds each width.
 Targets (issue 2): store ≥ 3× loop at every width; store ≥ ½ raw bandwidth at ×1.
 
     .venv/bin/python benchmarks/bench_build.py [--gigabytes 1] [--widths 1 2 5] [--dir /tmp]
@@ -27,6 +27,7 @@ import torch
 from jacobian_store.architectures import create_model
 from jacobian_store.build import BuildSpec, build_store, choose_chunking, default_memory_budget
 from jacobian_store.functional import initial_parameters, jacobian_rows
+from jacobian_store.gram import layer_plan, structured_jacobian_rows
 from study.data import load_dataset
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -60,13 +61,12 @@ def loop_rows_per_second(model, x: torch.Tensor, path: Path | None) -> float:
     return row / (time.perf_counter() - started)
 
 
-def vmap_rows_per_second(model, x: torch.Tensor, chunk_samples: int) -> float:
-    """Rows/s of lincnn's chunked vmap(jacrev), computed only (the compute side of the comparison)."""
-    params = initial_parameters(model)
+def chunked_rows_per_second(rows_of, x: torch.Tensor, chunk_samples: int) -> float:
+    """Rows/s of computing J chunk by chunk with ``rows_of(x_chunk)``, no writes (the compute side)."""
     started = time.perf_counter()
     rows = 0
     for start in range(0, x.shape[0], chunk_samples):
-        rows += jacobian_rows(model, params, x[start:start + chunk_samples]).shape[0]
+        rows += rows_of(x[start:start + chunk_samples]).shape[0]
     return rows / (time.perf_counter() - started)
 
 
@@ -96,9 +96,11 @@ def main(argv=None) -> int:
     dataset_name = "mnist" if use_mnist else "digits"
     print(f"data: {dataset_name}{' from ' + str(SHARED_DATA) if use_mnist else ' (../shared/data absent)'}; "
           f"torch threads: {torch.get_num_threads()}")
-    print("rows/s of J; 'store' and 'loop' include writing the rows to HDF5, 'compute' columns do not\n")
+    print("rows/s of J; 'store' and 'loop' include writing the rows to HDF5; the last three columns compute "
+          "only:\n  layers = the store's layer-by-layer rows, vmap = vmap(jacrev) of the whole network, loop = "
+          "L backward passes per sample\n")
     header = (f"{'width':>5} {'p':>10} {'rows':>6} {'store':>7} {'MB/s':>6} {'loop':>6} {'raw MB/s':>8} "
-              f"{'× loop':>7} {'of raw':>6} {'compute vmap':>12} {'compute loop':>12}")
+              f"{'× loop':>7} {'of raw':>6} {'layers':>7} {'vmap':>6} {'loop':>6}")
     print(header)
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         for width in args.widths:
@@ -108,8 +110,9 @@ def main(argv=None) -> int:
             dataset = load_dataset(dataset_name, data_root=SHARED_DATA if use_mnist else None,
                                    n_train=n_samples, n_test=10)
             n_samples = dataset.train.x.shape[0]
-            # vmap's first call traces the model (about a second): a real build pays it once per run,
-            # so it is paid here before the clock starts, as the loop's autograd warm-up is below.
+            # First calls pay one-off set-up (vmap's tracing takes about a second): a real build pays
+            # it once per run, so it is paid here before the clock starts, for every method.
+            structured_jacobian_rows(model, initial_parameters(model), dataset.train.x[:2])
             jacobian_rows(model, initial_parameters(model), dataset.train.x[:2])
             loop_rows_per_second(model, dataset.train.x[:1], None)
             report = build_store(Path(tmp) / f"w{width:g}.h5", BuildSpec("lenet", width), dataset, progress=False)
@@ -119,13 +122,17 @@ def main(argv=None) -> int:
             chunk_samples, chunk_rows, _ = choose_chunking(10, n_params, 4, default_memory_budget(torch.device("cpu")),
                                                            None)
             raw = raw_write_megabytes_per_second(Path(tmp) / "raw.h5", n_samples * 10, n_params, chunk_rows)
-            compute_vmap = vmap_rows_per_second(model, dataset.train.x[:max(args.loop_samples, chunk_samples)],
-                                                chunk_samples)
+            x_chunks = dataset.train.x[:max(args.loop_samples, chunk_samples)]
+            params, plan = initial_parameters(model), layer_plan(model, x_chunks[:1])
+            compute_layers = chunked_rows_per_second(lambda xb: structured_jacobian_rows(model, params, xb, plan),
+                                                     x_chunks, chunk_samples)
+            compute_vmap = chunked_rows_per_second(lambda xb: jacobian_rows(model, params, xb), x_chunks,
+                                                   chunk_samples)
             compute_loop = loop_rows_per_second(model, x_loop, None)
             print(f"{width:>5g} {n_params:>10,} {n_samples * 10:>6} {report.rows_per_second:>7,.0f} "
                   f"{report.megabytes_per_second:>6,.0f} {loop:>6,.0f} {raw:>8,.0f} "
                   f"{report.rows_per_second / loop:>6.1f}× {report.megabytes_per_second / raw:>6.0%} "
-                  f"{compute_vmap:>12,.0f} {compute_loop:>12,.0f}", flush=True)
+                  f"{compute_layers:>7,.0f} {compute_vmap:>6,.0f} {compute_loop:>6,.0f}", flush=True)
     return 0
 
 

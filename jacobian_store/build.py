@@ -1,7 +1,9 @@
 """Materialize J = ∇_w f(w0, X) chunk by chunk into an HDF5 store (``bin/build-jacobian``).
 
 A build is split into chunks of ``chunk_samples`` samples (rows [c·B·L, (c+1)·B·L) of J). Each
-chunk is computed with ``vmap(jacrev)`` on the build device, handed to a writer thread (so the
+chunk is computed layer by layer (``gram.structured_jacobian_rows``: linear layers as outer
+products δ ⊗ a written in place, convolutions from their input patches, anything else by
+``vmap(jacrev)``) on the build device, handed to a writer thread (so the
 device-to-host copy and HDF5 write of chunk c overlap the computation of chunk c + 1), written,
 flushed and only then marked done in ``/train/done``. A killed build therefore loses at most the chunks in flight, and
 rerunning the same command computes exactly the chunks not marked done, with the same chunk
@@ -33,7 +35,7 @@ import numpy as np
 import torch
 
 from jacobian_store.architectures import available_models, create_model
-from jacobian_store.functional import initial_parameters, jacobian_rows, parameter_layout, resolve_device
+from jacobian_store.functional import initial_parameters, parameter_layout, resolve_device
 from jacobian_store.store import FORMAT_VERSION, JacobianStore, StoreError, dataset_spec_json
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -42,8 +44,8 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 HDF5_CHUNK_BYTES = 32 * 2**20
 # A single HDF5 chunk must stay below 4 GiB; rows longer than this are split into column chunks.
 MAX_ROW_CHUNK_BYTES = 256 * 2**20
-# vmap(jacrev) holds the Jacobian chunk plus per-sample activation gradients; measured on LeNet
-# and AlexNet the peak is below three times the chunk itself.
+# A chunk's computation holds the Jacobian chunk plus the layers' Δ (L per sample), inputs and
+# patches; on LeNet and AlexNet the peak stays below three times the chunk itself.
 JACOBIAN_WORKSPACE_FACTOR = 3
 # A build chunk of about this size: vmap(jacrev)'s throughput is flat from ~16 LeNet samples on
 # (measured 4,100-4,300 rows/s at ×1 for 16-256 samples), and small chunks let the writer thread
@@ -377,6 +379,9 @@ def _build_split(f: h5py.File, split: str, x: torch.Tensor, chunks: np.ndarray, 
     """Compute the given chunks of J(x) into ``f``'s /<split>/J and mark them done; returns rows built."""
     from tqdm.auto import tqdm
 
+    from jacobian_store.gram import layer_plan, structured_jacobian_rows
+
+    plan = layer_plan(model, x[:1].to(device=device, dtype=dtype))
     n_samples, n_params = x.shape[0], f[f"{split}/J"].shape[1]
     row_bytes = n_params * f[f"{split}/J"].dtype.itemsize
     rows_todo = sum(min(chunk_samples, n_samples - c * chunk_samples) for c in chunks) * n_outputs
@@ -388,7 +393,7 @@ def _build_split(f: h5py.File, split: str, x: torch.Tensor, chunks: np.ndarray, 
         for chunk in chunks:
             lo = int(chunk) * chunk_samples
             hi = min(lo + chunk_samples, n_samples)
-            rows = jacobian_rows(model, params, x[lo:hi].to(device=device, dtype=dtype))
+            rows = structured_jacobian_rows(model, params, x[lo:hi].to(device=device, dtype=dtype), plan)
             writer.put(int(chunk), lo * n_outputs, rows)
             bar.update(rows.shape[0])
             bar.set_postfix_str(f"{bar.n * row_bytes / 1e9:.2f} GB, "

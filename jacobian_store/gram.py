@@ -68,11 +68,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, jacrev, vmap
 
-from .functional import initial_parameters, jacobian_rows
+from .functional import initial_parameters, jacobian_rows, parameter_layout
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["GramImplementation", "GramInfo", "gram_matrix", "cross_gram_matrix", "layer_plan"]
+__all__ = ["GramImplementation", "GramInfo", "gram_matrix", "cross_gram_matrix", "layer_plan",
+           "structured_jacobian_rows"]
 
 # Columns per float32 product before the partial sum is added into float64: bounds the length of
 # float32 accumulations (rounding grows with it); each chunk is still a large, efficient GEMM.
@@ -232,6 +233,72 @@ def _structured_features(model: nn.Module, plan: list[_Layer], params: dict[str,
         dense.append(_partial_jacobian(model, params, names, xb))
     del captured, deltas
     return _Features(batch * n_out, dense, linear)
+
+
+def structured_jacobian_rows(model: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor,
+                             plan: list[_Layer] | None = None) -> torch.Tensor:
+    """J(x) for a batch of b samples, (b·L) × p, assembled layer by layer from the Gram's factors.
+
+    One forward pass records each layer's input A and output z; one batched backward pass (L
+    cotangents at once) gives Δ_il = ∂f_l(x_i)/∂z_i. Then a linear layer's rows δ_il ⊗ a_i are
+    written straight into their columns of the result, a convolution's rows Δ_il Uᵢᵀ (Uᵢ: the
+    input patches) by one batched matmul, and any other layer falls back to per-layer
+    ``vmap(jacrev)``. J is written once, with no per-layer intermediate and no concatenation:
+    that is what ``vmap(jacrev)`` of the whole network (``functional.jacobian_rows``, the oracle in
+    the tests) spends its memory traffic on at large widths.
+    """
+    plan = layer_plan(model, x[:1]) if plan is None else plan
+    slots = {s.name: s for s in parameter_layout(model)}
+    n_params = sum(s.size for s in slots.values())
+    structured = [layer for layer in plan if layer.kind in ("linear", "conv")]
+    generic = [layer for layer in plan if layer.kind == "generic"]
+    captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def hook(_module, inputs, output, name):
+        captured[name] = (inputs[0].detach(), output)
+
+    handles = [layer.module.register_forward_hook(lambda m, i, o, _n=layer.name: hook(m, i, o, _n))
+               for layer in structured]
+    try:
+        with torch.enable_grad():
+            f = functional_call(model, {k: v.detach().requires_grad_(True) for k, v in params.items()}, (x,))
+            batch, n_out = f.shape
+            cotangents = torch.eye(n_out, dtype=f.dtype, device=f.device).unsqueeze(1).expand(n_out, batch, n_out)
+            deltas = torch.autograd.grad(f, [captured[layer.name][1] for layer in structured],
+                                         grad_outputs=cotangents, is_grads_batched=True, allow_unused=True)
+    finally:
+        for h in handles:
+            h.remove()
+    covered = sum(slots[n].size for layer in plan for n in layer.param_names)
+    # Parameters the forward pass never uses have zero columns; when there are none, skip the fill.
+    allocate = torch.empty if covered == n_params else torch.zeros
+    J = allocate(batch, n_out, n_params, dtype=f.dtype, device=f.device)
+    for layer, delta in zip(structured, deltas):
+        a, z = captured[layer.name]
+        delta = torch.zeros((n_out, *z.shape), dtype=z.dtype, device=z.device) if delta is None else delta
+        delta = delta.transpose(0, 1)                                   # (b, L, *z.shape[1:])
+        m = layer.module
+        weight = slots[f"{layer.name}.weight" if layer.name else "weight"]
+        columns = J[:, :, weight.offset:weight.offset + weight.size]
+        if layer.kind == "linear":
+            torch.mul(delta.unsqueeze(3), a[:, None, None, :], out=columns.view(batch, n_out, *m.weight.shape))
+        else:
+            patches = _patches(a, m)                                     # (b, P, C_in·kh·kw)
+            per_row = torch.matmul(delta.reshape(batch, n_out, m.out_channels, -1), patches.unsqueeze(1))
+            columns.copy_(per_row.reshape(batch, n_out, -1))
+            delta = delta.sum(dim=(3, 4))                                # bias gradient: Δ summed over positions
+        if m.bias is not None:
+            bias = slots[f"{layer.name}.bias" if layer.name else "bias"]
+            J[:, :, bias.offset:bias.offset + bias.size] = delta.reshape(batch, n_out, -1)
+    if generic:
+        names = [n for layer in generic for n in layer.param_names]
+        pieces = _partial_jacobian(model, params, names, x).reshape(batch, n_out, -1)
+        start = 0
+        for name in names:
+            slot = slots[name]
+            J[:, :, slot.offset:slot.offset + slot.size] = pieces[:, :, start:start + slot.size]
+            start += slot.size
+    return J.reshape(batch * n_out, n_params)
 
 
 def _patches(a: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:

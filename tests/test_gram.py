@@ -204,3 +204,32 @@ def test_bad_inputs_give_clear_errors():
         cross_gram_matrix(model, torch.zeros(2, 1, 28, 28), torch.zeros(2, 1, 32, 32), progress=False)
     with pytest.raises(ValueError, match=r"\(batch, L\) tensor"):
         gram_matrix(nn.Sequential(nn.Flatten(0), nn.Linear(4, 1)), torch.zeros(1, 4), progress=False)
+
+
+@pytest.mark.parametrize("case", ["lenet-10", "lenet-binary", "alexnet", "mixed"])
+def test_structured_jacobian_rows_equal_vmap_jacrev(case):
+    """The store's layer-by-layer J against vmap(jacrev) of the whole network, in float64."""
+    from jacobian_store.functional import initial_parameters, jacobian_rows
+    from jacobian_store.gram import structured_jacobian_rows
+
+    torch.manual_seed(0)
+    if case == "mixed":  # every fallback, a root-level parameter and an unused layer (zero columns)
+        model, x = Mixed().double(), torch.randn(4, 2, 6, 6, dtype=torch.float64)
+    else:
+        arch, kwargs, shape = {"lenet-10": ("lenet", {}, (1, 28, 28)),
+                               "lenet-binary": ("lenet", {"n_outputs": 1}, (1, 28, 28)),
+                               "alexnet": ("alexnet", {"in_channels": 3, "image_size": 64}, (3, 64, 64))}[case]
+        model = create_model(arch, 0.5 if arch == "lenet" else 0.05, **kwargs).double()
+        x = torch.randn(3, *shape, dtype=torch.float64)
+    params = initial_parameters(model)
+    expected = jacobian_rows(model, params, x)
+    got = structured_jacobian_rows(model, params, x)
+    assert got.shape == expected.shape
+    assert (got - expected).abs().max() <= 1e-12 * expected.abs().max()
+    if case == "mixed":  # torch.empty would leave garbage in the columns no layer writes
+        from jacobian_store.functional import parameter_layout
+
+        unused = [s for s in parameter_layout(model) if s.name.startswith("unused")]
+        assert len(unused) == 2
+        for slot in unused:
+            assert torch.count_nonzero(got[:, slot.offset:slot.offset + slot.size]) == 0
