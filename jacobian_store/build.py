@@ -337,29 +337,32 @@ def build_store(out: str | Path, spec: BuildSpec, dataset, *, device: str = "aut
                       jacobian_in_file=not sharded)
         return sharded
 
-    sharded = ranks.from_rank0(prepare)
-    params = initial_parameters(model)
-    started, rows_built = time.perf_counter(), 0
-    for split in splits:
-        x = getattr(dataset, split).x
-        n_chunks = math.ceil(x.shape[0] / chunk_samples)
+    try:
+        sharded = ranks.from_rank0(prepare)
+        params = initial_parameters(model)
+        started, rows_built = time.perf_counter(), 0
+        for split in splits:
+            x = getattr(dataset, split).x
+            n_chunks = math.ceil(x.shape[0] / chunk_samples)
 
-        def build(f: h5py.File, chunks: np.ndarray, split=split, x=x) -> int:
-            return _build_split(f, split, x, chunks, model, params, chunk_samples, dataset.n_outputs, torch_device,
-                                dtype, progress and ranks.rank == 0, on_chunk_done)
+            def build(f: h5py.File, chunks: np.ndarray, split=split, x=x) -> int:
+                return _build_split(f, split, x, chunks, model, params, chunk_samples, dataset.n_outputs,
+                                    torch_device, dtype, progress and ranks.rank == 0, on_chunk_done)
 
-        if sharded:
-            rows_built += build_shard(out, split, n_rows[split], n_chunks, identity, ranks, chunk_rows, chunk_columns, build)
-            ranks.from_rank0(lambda: assemble_virtual_jacobian(out, split, n_chunks, chunk_samples,
-                                                               dataset.n_outputs))
-        else:
-            with h5py.File(out, "r+") as f:
-                done = f[f"{split}/done"][()]
-                if done.any() and progress:
-                    print(f"resuming: {int(done.sum())} of {done.size} {split} chunks already done", flush=True)
-                rows_built += build(f, np.flatnonzero(~done))
-    seconds = time.perf_counter() - started
-    ranks.close()
+            if sharded:
+                rows_built += build_shard(out, split, n_rows[split], n_chunks, identity, ranks, chunk_rows,
+                                          chunk_columns, build)
+                ranks.from_rank0(lambda: assemble_virtual_jacobian(out, split, n_chunks, chunk_samples,
+                                                                   dataset.n_outputs))
+            else:
+                with h5py.File(out, "r+") as f:
+                    done = f[f"{split}/done"][()]
+                    if done.any() and progress:
+                        print(f"resuming: {int(done.sum())} of {done.size} {split} chunks already done", flush=True)
+                    rows_built += build(f, np.flatnonzero(~done))
+        seconds = time.perf_counter() - started
+    finally:
+        ranks.close()
     return BuildReport(out, (n_rows["train"], n_params), itemsize, seconds, rows_built, str(torch_device))
 
 
