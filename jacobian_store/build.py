@@ -42,8 +42,9 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 # HDF5 chunks of about this size: one chunk is the unit of every read and write, and 32 MiB keeps
 # the chunk cache small while making each I/O call large.
 HDF5_CHUNK_BYTES = 32 * 2**20
-# A single HDF5 chunk must stay below 4 GiB; rows longer than this are split into column chunks.
-MAX_ROW_CHUNK_BYTES = 256 * 2**20
+# A single HDF5 chunk must stay below 4 GiB, and a chunk holds at least one sample's L rows; when
+# those are longer than this, the columns are split into chunks of this size.
+MAX_SAMPLE_CHUNK_BYTES = 256 * 2**20
 # A chunk's computation holds the Jacobian chunk plus the layers' Δ (L per sample), inputs and
 # patches; on LeNet and AlexNet the peak stays below three times the chunk itself.
 JACOBIAN_WORKSPACE_FACTOR = 3
@@ -124,7 +125,7 @@ def choose_chunking(n_outputs: int, n_params: int, itemsize: int, memory_budget:
     The build chunk is a whole number of HDF5 chunks, so every write covers whole HDF5 chunks.
     """
     row_bytes = n_params * itemsize
-    columns = n_params if row_bytes <= MAX_ROW_CHUNK_BYTES else MAX_ROW_CHUNK_BYTES // itemsize
+    columns = min(n_params, max(1, MAX_SAMPLE_CHUNK_BYTES // (n_outputs * itemsize)))
     sample_bytes = n_outputs * columns * itemsize
     hdf5_samples = max(1, HDF5_CHUNK_BYTES // sample_bytes)
     if chunk_samples is None:
