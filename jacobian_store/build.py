@@ -455,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
         report = build_store(args.out, spec, dataset, device=args.device, overwrite=args.overwrite,
                              memory_budget=args.memory_budget, progress=not args.quiet, command=command)
     except (DatasetError, StoreError, ValueError) as error:
-        print(f"build-jacobian: error: {error}", file=sys.stderr)
+        print(f"bin/build-jacobian: error: {error}", file=sys.stderr)
         return 2
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one report for the whole job
         print(report)
