@@ -241,8 +241,9 @@ def _check_plan(op, method, opts, dev, limit, n_knobs=1):
     return check_memory(plan, limit, method=method, form=form, device="cpu" if opts.get("driver") else dev)
 
 
-# Methods that pass over J many times (CGLS twice per iteration, the range finder 2q + 2 times).
-_MULTI_PASS = ("cg", "rsvd")
+# Methods that pass over J many times (CGLS twice per iteration, the range finder 2q + 2 times,
+# SGD once per epoch in scattered mini-batches, which HDF5 serves slowest of all).
+_MULTI_PASS = ("cg", "rsvd", "sgd")
 
 
 def _held_in_memory(op, method: str, device: str, limit: int | None, plan_total: int):
