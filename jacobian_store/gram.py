@@ -186,14 +186,21 @@ class _Features:
             a.numel() * a.element_size() + d.numel() * d.element_size() for a, d, _ in self.linear)
 
 
-def _structured_features(model: nn.Module, plan: list[_Layer], params: dict[str, torch.Tensor],
-                         xb: torch.Tensor) -> _Features:
-    structured = [layer for layer in plan if layer.kind in ("linear", "conv")]
-    generic = [layer for layer in plan if layer.kind == "generic"]
+def _inputs_and_deltas(model: nn.Module, structured: list[_Layer], params: dict[str, torch.Tensor],
+                       x: torch.Tensor) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int, int]:
+    """(A, Δ) for each linear or conv layer, and (b, L).
+
+    A is the layer's input and Δ[i, l] = ∂f_l(x_i)/∂z_i (shape (b, L, *z.shape[1:])) the gradient at
+    its output z: one forward pass and one backward pass batched over the L one-hot cotangents.
+    """
+    if not structured:  # nothing to differentiate here; the caller handles every layer generically
+        with torch.no_grad():
+            batch, n_out = functional_call(model, params, (x,)).shape
+        return [], batch, n_out
     captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def hook(mod, inp, out, _n):
-        captured[_n] = (inp[0].detach(), out)
+    def hook(_module, inputs, output, name):
+        captured[name] = (inputs[0].detach(), output)
 
     handles = [layer.module.register_forward_hook(lambda m, i, o, _n=layer.name: hook(m, i, o, _n))
                for layer in structured]
@@ -201,22 +208,30 @@ def _structured_features(model: nn.Module, plan: list[_Layer], params: dict[str,
         with torch.enable_grad():
             # Parameters requiring grad keep every layer output in the graph, whatever the caller's
             # requires_grad flags are; autograd.grad below only walks paths to the layer outputs.
-            out = functional_call(model, {k: v.detach().requires_grad_(True) for k, v in params.items()}, (xb,))
-            batch, n_out = out.shape
-            deltas: list[list[torch.Tensor]] = [[] for _ in structured]
-            zs = [captured[layer.name][1] for layer in structured]
-            for l in range(n_out):
-                grads = torch.autograd.grad(out[:, l].sum(), zs, retain_graph=l < n_out - 1, allow_unused=True)
-                for k, g in enumerate(grads):
-                    deltas[k].append(torch.zeros_like(zs[k]) if g is None else g)
+            f = functional_call(model, {k: v.detach().requires_grad_(True) for k, v in params.items()}, (x,))
+            batch, n_out = f.shape
+            cotangents = torch.eye(n_out, dtype=f.dtype, device=f.device).unsqueeze(1).expand(n_out, batch, n_out)
+            grads = torch.autograd.grad(f, [captured[layer.name][1] for layer in structured],
+                                        grad_outputs=cotangents, is_grads_batched=True, allow_unused=True)
     finally:
         for h in handles:
             h.remove()
+    pairs = []
+    for layer, grad in zip(structured, grads):
+        a, z = captured[layer.name]
+        delta = torch.zeros((n_out, *z.shape), dtype=z.dtype, device=z.device) if grad is None else grad
+        pairs.append((a, delta.transpose(0, 1)))
+    return pairs, batch, n_out
+
+
+def _structured_features(model: nn.Module, plan: list[_Layer], params: dict[str, torch.Tensor],
+                         xb: torch.Tensor) -> _Features:
+    structured = [layer for layer in plan if layer.kind in ("linear", "conv")]
+    generic = [layer for layer in plan if layer.kind == "generic"]
+    pairs, batch, n_out = _inputs_and_deltas(model, structured, params, xb)
 
     dense, linear = [], []
-    for k, layer in enumerate(structured):
-        a = captured[layer.name][0]
-        delta = torch.stack(deltas[k], dim=1)  # (b, L, *out_shape): ∂f_l(x_i)/∂z_i
+    for layer, (a, delta) in zip(structured, pairs):
         m = layer.module
         if layer.kind == "linear":
             linear.append((a, delta.reshape(batch * n_out, -1), m.bias is not None))
@@ -231,7 +246,7 @@ def _structured_features(model: nn.Module, plan: list[_Layer], params: dict[str,
     if generic:
         names = [n for layer in generic for n in layer.param_names]
         dense.append(_partial_jacobian(model, params, names, xb))
-    del captured, deltas
+    del pairs
     return _Features(batch * n_out, dense, linear)
 
 
@@ -252,31 +267,14 @@ def structured_jacobian_rows(model: nn.Module, params: dict[str, torch.Tensor], 
     n_params = sum(s.size for s in slots.values())
     structured = [layer for layer in plan if layer.kind in ("linear", "conv")]
     generic = [layer for layer in plan if layer.kind == "generic"]
-    captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def hook(_module, inputs, output, name):
-        captured[name] = (inputs[0].detach(), output)
-
-    handles = [layer.module.register_forward_hook(lambda m, i, o, _n=layer.name: hook(m, i, o, _n))
-               for layer in structured]
-    try:
-        with torch.enable_grad():
-            f = functional_call(model, {k: v.detach().requires_grad_(True) for k, v in params.items()}, (x,))
-            batch, n_out = f.shape
-            cotangents = torch.eye(n_out, dtype=f.dtype, device=f.device).unsqueeze(1).expand(n_out, batch, n_out)
-            deltas = torch.autograd.grad(f, [captured[layer.name][1] for layer in structured],
-                                         grad_outputs=cotangents, is_grads_batched=True, allow_unused=True)
-    finally:
-        for h in handles:
-            h.remove()
+    pairs, batch, n_out = _inputs_and_deltas(model, structured, params, x)
+    first = next(iter(params.values()))
+    dtype, device = first.dtype, first.device
     covered = sum(slots[n].size for layer in plan for n in layer.param_names)
     # Parameters the forward pass never uses have zero columns; when there are none, skip the fill.
     allocate = torch.empty if covered == n_params else torch.zeros
-    J = allocate(batch, n_out, n_params, dtype=f.dtype, device=f.device)
-    for layer, delta in zip(structured, deltas):
-        a, z = captured[layer.name]
-        delta = torch.zeros((n_out, *z.shape), dtype=z.dtype, device=z.device) if delta is None else delta
-        delta = delta.transpose(0, 1)                                   # (b, L, *z.shape[1:])
+    J = allocate(batch, n_out, n_params, dtype=dtype, device=device)
+    for layer, (a, delta) in zip(structured, pairs):
         m = layer.module
         weight = slots[f"{layer.name}.weight" if layer.name else "weight"]
         columns = J[:, :, weight.offset:weight.offset + weight.size]

@@ -233,3 +233,15 @@ def test_structured_jacobian_rows_equal_vmap_jacrev(case):
         assert len(unused) == 2
         for slot in unused:
             assert torch.count_nonzero(got[:, slot.offset:slot.offset + slot.size]) == 0
+
+
+def test_structured_jacobian_rows_of_a_network_without_linear_or_conv_layers():
+    from jacobian_store.functional import initial_parameters, jacobian_rows
+    from jacobian_store.gram import structured_jacobian_rows
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.LayerNorm(8), nn.Tanh()).double()
+    x = torch.randn(3, 2, 4, dtype=torch.float64)
+    params = initial_parameters(model)
+    got = structured_jacobian_rows(model, params, x)
+    assert torch.allclose(got, jacobian_rows(model, params, x), rtol=1e-12, atol=1e-14)
