@@ -9,9 +9,9 @@ host. :func:`gram_matrix` gives K(X, X) (only the blocks J ≤ I are computed, t
 
 Implementations (:class:`GramImplementation`, dispatched through ``_implementation_to_fn``):
 
-- ``"structured"`` (default): one forward pass and L backward passes per block of samples give,
-  for every parametrized layer, its inputs and the gradients of each output with respect to its
-  outputs (Δ). Then, per layer kind:
+- ``"structured"`` (default): one forward pass and one backward pass batched over the L outputs
+  (``is_grads_batched``) per block of samples give, for every parametrized layer, its inputs and
+  the gradients of each output with respect to its outputs (Δ). Then, per layer kind:
 
   * ``nn.Linear`` (2-D input): the per-row gradient of z = W a + b is δ ⊗ a (and δ for the bias),
     so ⟨δ_il ⊗ a_i, δ_jm ⊗ a_j⟩ = (δ_il·δ_jm)(a_i·a_j) and the layer's share of K is
@@ -23,7 +23,7 @@ Implementations (:class:`GramImplementation`, dispatched through ``_implementati
     structured alternative ⟨G_il, G_jm⟩ = ⟨Δ_il (U_iᵀ U_j), Δ_jm⟩ costs about
     P²·(C_in·k²/L² + C_out/L) per row pair, more in LeNet up to width ≈ 13 (conv1: P = 784;
     conv2 at ×10: 3.1e5 against 2.4e5) and in AlexNet's early layers. Why im2col rather than
-    ``vmap(jacrev)`` over the conv parameters: the Δ are already there from the backward passes the
+    ``vmap(jacrev)`` over the conv parameters: the Δ are already there from the backward pass the
     linear layers need, so a conv layer's Jacobian is one batched matmul instead of a second,
     vectorized backward pass through the whole network. Measured (``benchmarks/bench_gram.py
     --conv``, 100 inputs, 2 shared CPU threads): the whole structured pass, linear layers included,
