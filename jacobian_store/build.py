@@ -7,7 +7,9 @@ products δ ⊗ a written in place, convolutions from their input patches, anyth
 device-to-host copy and HDF5 write of chunk c overlap the computation of chunk c + 1), written,
 flushed and only then marked done in ``/train/done``. A killed build therefore loses at most the chunks in flight, and
 rerunning the same command computes exactly the chunks not marked done, with the same chunk
-boundaries, so the result equals an uninterrupted build.
+boundaries: the chunks already done are kept byte for byte, and the result equals an uninterrupted
+build to float32 rounding (a chunk is a float32 BLAS computation, whose summation order, and so
+its last bits, depend on the thread count and buffer alignment of the process that runs it).
 
 J's storage is allocated when the file is created (HDF5 early allocation, no fill), so writing a
 chunk touches only raw data, never the file's chunk index: a kill mid-write cannot damage the

@@ -1,4 +1,4 @@
-"""torchrun-sharded builds: 2 CPU ranks (gloo) give the same J as one process, byte for byte."""
+"""torchrun-sharded builds: 2 CPU ranks (gloo) give the same J as one process (to float32 rounding)."""
 import os
 import socket
 import subprocess
@@ -13,7 +13,7 @@ from jacobian_store.shards import existing_shards
 from jacobian_store.store import JacobianStore, StoreError
 from study.data import load_dataset
 
-from conftest import REPO
+from conftest import REPO, assert_equal_to_float32_rounding
 
 OPTIONS = ["--width", "0.5", "--dataset", "digits", "--n-train", "22", "--n-test", "6", "--chunk-samples", "3",
            "--test-jacobian", "--quiet"]
@@ -42,9 +42,12 @@ def single_store(tmp_path_factory):
 
 
 def assert_same_jacobians(a_path, b_path):
+    """w0 is seeded, so equal bit for bit; J and f0 are float32 computations made by processes
+    with other thread counts, so equal to float32 rounding (conftest.FLOAT32_BUILD_ATOL)."""
     with h5py.File(a_path, "r") as a, h5py.File(b_path, "r") as b:
-        for name in ("train/J", "test/J", "train/f0", "w0"):
-            assert a[name][()].tobytes() == b[name][()].tobytes(), name
+        assert a["w0"][()].tobytes() == b["w0"][()].tobytes()
+        for name in ("train/J", "test/J", "train/f0"):
+            assert_equal_to_float32_rounding(a[name][()], b[name][()], name)
 
 
 def test_two_ranks_equal_one_process_and_resume_with_another_rank_count(tmp_path, single_store):
