@@ -423,7 +423,7 @@ def test_cg_warm_start_agrees_with_cold_and_is_not_mutated():
     # the cold start is not guaranteed: restarted CGLS loses the Krylov history of the first run.)
     start = np.linalg.norm(r - J @ x0)
     assert warm.extras["residual_history"][0] == pytest.approx(start, rel=1e-12)
-    assert start < 0.5 * np.linalg.norm(r)
+    assert start < np.linalg.norm(r)  # 5 CGLS steps reduce ‖r − J u‖ (CGLS residuals decrease monotonically)
     exact = solve(J, r, "cg", x0=min_norm(J, r), tol=1e-6)
     assert exact.n_iter <= 1
 
