@@ -45,7 +45,7 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 
 
 def load_inputs(n: int, data_root: Path | None):
-    from study.data import load_dataset
+    from jacobian_store.datasets import load_dataset
 
     root = data_root or SHARED_DATA
     if (root / "MNIST" / "raw").is_dir():

@@ -24,7 +24,7 @@ from jacobian_store.build import BuildSpec, build_store
 from jacobian_store.functional import linearized_outputs
 from jacobian_store.store import JacobianStore
 from solvers import solve
-from study.data import load_dataset
+from jacobian_store.datasets import load_dataset
 from study.metrics import accuracy
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -34,7 +34,7 @@ def build_if_missing(path: Path, n: int, binary: int) -> None:
     if path.exists():
         return
     from jacobian_store.build import BuildSpec, build_store
-    from study.data import load_dataset
+    from jacobian_store.datasets import load_dataset
 
     use_mnist = (SHARED_DATA / "MNIST" / "raw").is_dir()
     if not use_mnist:

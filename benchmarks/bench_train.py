@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from study.data import load_dataset
+from jacobian_store.datasets import load_dataset
 from study.train import _TRAINERS, TrainConfig, initial_model
 
 

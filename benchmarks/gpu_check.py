@@ -21,7 +21,7 @@ import torch
 from jacobian_store.build import BuildSpec, build_store
 from jacobian_store.store import JacobianStore
 from solvers import solve
-from study.data import load_dataset
+from jacobian_store.datasets import load_dataset
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 # float32 J from two devices: cuDNN and cuBLAS sum in other orders than the CPU (TF32 is off),

@@ -21,13 +21,12 @@ import argparse
 import json
 import math
 import os
-import platform
 import queue
 import shutil
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
@@ -37,7 +36,9 @@ import numpy as np
 import torch
 
 from jacobian_store.architectures import available_models, create_model
-from jacobian_store.functional import initial_parameters, parameter_layout, resolve_device
+from jacobian_store.functional import initial_parameters, parameter_layout
+from jacobian_store.provenance import library_versions
+from jacobian_store.sizes import parse_bytes
 from jacobian_store.store import FORMAT_VERSION, JacobianStore, StoreError, dataset_spec_json
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -94,24 +95,6 @@ class BuildReport:
                 f"({self.rows_per_second:,.0f} rows/s, {self.megabytes_per_second:,.0f} MB/s)")
 
 
-def disable_tf32() -> None:
-    """TF32 would make GPU Jacobians differ from the CPU's by ~1e-3; the store must match to float32 tolerance."""
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-
-
-def parse_bytes(text: str) -> int:
-    """'512MiB', '2GB', '1e9' → bytes."""
-    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-    stripped = text.strip().upper()
-    number = stripped.rstrip("KMGTIB")
-    try:
-        return int(float(number) * units[stripped[len(number):]])
-    except (ValueError, KeyError):
-        raise ValueError(f"cannot read {text!r} as a size; write e.g. 512MiB or 2GB") from None
-
-
 def default_memory_budget(device: torch.device) -> int:
     """Bytes the build may use for one chunk's workspace: half the free GPU memory, or 2 GiB on the CPU."""
     if device.type == "cuda":
@@ -136,17 +119,6 @@ def choose_chunking(n_outputs: int, n_params: int, itemsize: int, memory_budget:
         chunk_samples = max(hdf5_samples, chunk_samples // hdf5_samples * hdf5_samples)
     hdf5_samples = math.gcd(hdf5_samples, chunk_samples)
     return chunk_samples, hdf5_samples * n_outputs, columns
-
-
-def library_versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        lincnn_version = version("lincnn")
-    except PackageNotFoundError:
-        lincnn_version = "unknown"
-    return {"lincnn": lincnn_version, "python": platform.python_version(), "torch": torch.__version__,
-            "numpy": np.__version__, "h5py": h5py.__version__, "hdf5": h5py.version.hdf5_version}
 
 
 def store_identity(spec: BuildSpec, dataset, n_params: int, chunk_samples: int) -> dict:
@@ -265,7 +237,7 @@ class _ChunkWriter:
             host = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True)
             host.copy_(rows, non_blocking=True)
             copied = torch.cuda.Event()
-            copied.record()
+            copied.record(torch.cuda.current_stream(rows.device))  # the stream that queued the copy, on its GPU
             rows = host
         self._queue.put((chunk, first_row, rows, copied))
 
@@ -286,7 +258,7 @@ def build_store(out: str | Path, spec: BuildSpec, dataset, *, device: str = "aut
     written into ``out`` itself. ``on_chunk_done(chunk)`` is called after each chunk is durably
     written and marked done.
     """
-    from jacobian_store.shards import Ranks, assemble_virtual_jacobian, build_shard, is_sharded, remove_shards
+    from jacobian_store.shards import Ranks
 
     out = Path(out)
     if spec.dtype not in DTYPES:
@@ -294,8 +266,16 @@ def build_store(out: str | Path, spec: BuildSpec, dataset, *, device: str = "aut
     if spec.chunk_samples is not None and spec.chunk_samples <= 0:
         raise ValueError(f"chunk_samples must be positive, got {spec.chunk_samples}")
     ranks = Ranks.from_environment()
-    torch_device = ranks.device(resolve_device(device))
-    disable_tf32()
+    build_device = ranks.device(device)
+    with build_device.exact_float32():
+        return _build_store(out, spec, dataset, ranks, build_device.torch, overwrite, memory_budget, progress,
+                            command, on_chunk_done)
+
+
+def _build_store(out: Path, spec: BuildSpec, dataset, ranks, torch_device: torch.device, overwrite: bool,
+                 memory_budget: int | None, progress: bool, command: str | None, on_chunk_done) -> BuildReport:
+    from jacobian_store.shards import assemble_virtual_jacobian, build_shard, is_sharded, remove_shards
+
     dtype = DTYPES[spec.dtype]
     model = create_model(spec.arch, spec.width, in_channels=dataset.in_channels, n_outputs=dataset.n_outputs,
                          image_size=dataset.image_size, seed=spec.seed).to(device=torch_device, dtype=dtype)
@@ -411,7 +391,7 @@ def _build_split(f: h5py.File, split: str, x: torch.Tensor, chunks: np.ndarray, 
 
 
 def _parser() -> argparse.ArgumentParser:
-    from study.data import add_data_arguments
+    from jacobian_store.datasets import add_data_arguments
 
     parser = argparse.ArgumentParser(
         prog="bin/build-jacobian",
@@ -443,7 +423,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from study.data import DatasetError, dataset_from_args
+    from jacobian_store.datasets import DatasetError, dataset_from_args
 
     parser = _parser()
     args = parser.parse_args(argv)

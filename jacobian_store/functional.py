@@ -40,16 +40,6 @@ class ParameterSlot:
         return n
 
 
-def resolve_device(device: str | torch.device) -> torch.device:
-    """"auto" → the GPU when torch sees one, else the CPU; an explicit CUDA device must exist."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {str(device)!r} was asked for but no CUDA GPU is visible; use 'cpu' or 'auto'")
-    return device
-
-
 def parameter_layout(model: nn.Module) -> list[ParameterSlot]:
     slots, offset = [], 0
     for name, p in model.named_parameters():

@@ -68,7 +68,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, jacrev, vmap
 
+from .device import Device, resolve_device
 from .functional import initial_parameters, jacobian_rows, parameter_layout
+from .sizes import available_memory
 
 logger = logging.getLogger(__name__)
 
@@ -399,18 +401,10 @@ def _probe_shapes(model: nn.Module, plan: list[_Layer], x_probe: torch.Tensor) -
 
 
 def _default_budget(device: torch.device) -> int:
+    """Half the free memory of ``device``, and at most 4 GiB on the CPU."""
+    available = available_memory(device)
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(0.5 * free)
-    available = None
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    available = int(line.split()[1]) * 1024
-                    break
-    except OSError:
-        pass
+        return int(0.5 * available)
     cap = 4 << 30
     return cap if available is None else int(min(cap, 0.5 * available))
 
@@ -473,13 +467,12 @@ def _accumulate(feature_fn: Callable, model, plan, params, x1: torch.Tensor, x2:
 
 # ------------------------------------------------------------------------------------- public
 
-def _resolve_device(model: nn.Module, device) -> torch.device:
+def _resolve_device(model: nn.Module, device) -> Device:
+    """None: where the model's parameters are; else ``resolve_device``'s vocabulary."""
     if device is None:
         p = next(model.parameters(), None)
-        return p.device if p is not None else torch.device("cpu")
-    if isinstance(device, str) and device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+        device = p.device if p is not None else "cpu"
+    return resolve_device(device)
 
 
 def _as_batch(x, name: str, dtype: torch.dtype) -> torch.Tensor:
@@ -508,7 +501,7 @@ def _prepare(model, x1, x2, method, block_samples, device, memory_budget):
     if block_samples is not None and not (isinstance(block_samples, int) and block_samples > 0):
         raise ValueError(f"block_samples must be a positive integer or None (chosen from the memory budget), "
                          f"got {block_samples!r}")
-    dev = _resolve_device(model, device)
+    dev = _resolve_device(model, device).torch
     dtype = next(model.parameters()).dtype
     x1 = _as_batch(x1, "x", dtype)
     x2 = None if x2 is None else _as_batch(x2, "x2", dtype)
@@ -594,6 +587,11 @@ def cross_gram_matrix(model: nn.Module, x1, x2, *, method: str | GramImplementat
 
 
 def _run(model, x1, x2, method, block_samples, device, progress, memory_budget, return_info):
+    with _resolve_device(model, device).exact_float32():
+        return _run_exact(model, x1, x2, method, block_samples, device, progress, memory_budget, return_info)
+
+
+def _run_exact(model, x1, x2, method, block_samples, device, progress, memory_budget, return_info):
     t0 = time.perf_counter()
     implementation, model, x1, x2, dev, dtype, probe, n_out, plan, budget = _prepare(
         model, x1, x2, method, block_samples, device, memory_budget)

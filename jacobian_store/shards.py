@@ -29,7 +29,8 @@ import h5py
 import numpy as np
 import torch
 
-from jacobian_store.store import StoreError
+from jacobian_store.device import Device, resolve_device
+from jacobian_store.errors import StoreError
 
 
 class Ranks:
@@ -51,11 +52,13 @@ class Ranks:
             dist.init_process_group(backend="gloo")
         return cls(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), owns_group)
 
-    def device(self, device: torch.device) -> torch.device:
-        """One GPU per rank on a multi-GPU node."""
-        if device.type == "cuda" and self.world_size > 1 and device.index is None:
-            return torch.device("cuda", self.local_rank % torch.cuda.device_count())
-        return device
+    def device(self, device) -> Device:
+        """``device`` ("auto", "cpu", "cuda", "cuda:N") resolved for this rank: one GPU per rank on a
+        multi-GPU node, rank r of a node taking GPU local_rank mod count; "cuda:N" is kept as asked."""
+        resolved = resolve_device(device)
+        if resolved.is_cuda and self.world_size > 1 and str(device).strip().lower() in ("auto", "cuda"):
+            return Device(torch.device("cuda", self.local_rank % torch.cuda.device_count()))
+        return resolved
 
     def barrier(self) -> None:
         if self.world_size > 1:

@@ -29,16 +29,14 @@ from typing import Iterator
 import h5py
 import numpy as np
 
-from solvers.operators import RowBlockOperator
+from jacobian_store.errors import StoreError
+from jacobian_store.operators import RowBlockOperator
+from jacobian_store.provenance import dumps
 
 FORMAT_VERSION = 1
 # Reads are grouped into blocks of about this many bytes: large enough to amortize HDF5 call
 # overhead, small enough that one block plus a solver's working set fits in memory.
 READ_BLOCK_BYTES = 256 * 2**20
-
-
-class StoreError(RuntimeError):
-    """A store that cannot be used as asked: missing, unfinished, or built from another spec."""
 
 
 class HDF5RowOperator(RowBlockOperator):
@@ -211,7 +209,7 @@ class JacobianStore:
 
     def dataset(self, data_root=None):
         """The dataset the store was built from, rebuilt from its recorded spec."""
-        from study.data import dataset_from_spec
+        from jacobian_store.datasets import dataset_from_spec
 
         return dataset_from_spec(self.attrs["dataset"], data_root=data_root)
 
@@ -233,7 +231,7 @@ class JacobianStore:
             del group[name]
         entry = group.create_group(name)
         entry.create_dataset("u", data=u)
-        entry.attrs["info"] = json.dumps(info, sort_keys=True, default=json_default)
+        entry.attrs["info"] = dumps(info, sort_keys=True)
         self.file.flush()
 
     def read_solution(self, name: str) -> tuple[np.ndarray, dict]:
@@ -251,13 +249,3 @@ class JacobianStore:
                 f"{a['dtype']} ({n_rows * self.n_params * itemsize / 1e9:.3g} GB), {status}, "
                 f"{len(self.solution_names())} solution(s)")
 
-
-def json_default(value):
-    """``json.dumps(default=...)`` for the NumPy scalars, arrays and paths that records hold."""
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"cannot record {type(value).__name__} in JSON")

@@ -7,7 +7,7 @@
 from .api import METHOD_OPTIONS, METHODS, PATH_KNOBS, solve, solve_path
 from .cg import ConvergenceWarning
 from .memory import MemoryLimitError
-from .operators import ArrayRowOperator, RowBlockOperator, as_row_operator
+from jacobian_store.operators import ArrayRowOperator, RowBlockOperator, as_row_operator
 from .result import SolveResult
 
 __all__ = ["solve", "solve_path", "SolveResult", "RowBlockOperator", "ArrayRowOperator", "as_row_operator",

@@ -23,11 +23,13 @@ import time
 
 import numpy as np
 
-from ._xp import is_cupy_array, module_for_device, resolve_device, to_numpy
+from jacobian_store.device import is_cupy_array, module_for_device, resolve_device, to_numpy
 from .cg import _solve_cg, cg_path
 from .direct import DRIVERS, FORMS, _solve_lstsq, _solve_ridge, resolve_form, ridge_path
-from .memory import check_memory, choose_panel_bytes, default_memory_limit, memory_plan, parse_bytes
-from .operators import ArrayRowOperator, as_row_operator
+from jacobian_store.sizes import parse_bytes
+
+from .memory import check_memory, choose_panel_bytes, default_memory_limit, memory_plan
+from jacobian_store.operators import ArrayRowOperator, as_row_operator
 from .result import SolveResult
 from .rsvd import _solve_rsvd, rsvd_path
 from .sgd import _solve_sgd, sgd_path
@@ -76,7 +78,8 @@ def solve(J, r, method: str = "lstsq", *, n_outputs: int | None = None, device: 
     if check_finite:
         op.check_finite()
     work_op = _held_in_memory(op, method, dev, limit, plan_total)
-    result = _SOLVERS[method](work_op, r, device=dev, progress=progress, **opts)
+    with dev.exact_float32():
+        result = _SOLVERS[method](work_op, r, device=dev.type, progress=progress, **opts)
     result.extras["J_held_in_memory"] = work_op is not op
     return _finalize(result, op, requested, dev, opts, limit, check_finite, t0)
 
@@ -112,7 +115,8 @@ def solve_path(J, r, method: str, values, *, n_outputs: int | None = None, devic
     extra = {k: opts.pop(k) for k in ("factorization", "driver") if k in opts}
     if method == "ridge" and extra.get("factorization", "auto") not in ("auto", "eigh"):
         raise ValueError("the ridge path always uses one eigendecomposition; drop factorization=")
-    results = _PATHS[method](work_op, r, values, device=dev, progress=progress, **opts)
+    with dev.exact_float32():
+        results = _PATHS[method](work_op, r, values, device=dev.type, progress=progress, **opts)
     for res in results:
         res.extras["J_held_in_memory"] = work_op is not op
     return [_finalize(res, op, method, dev, {**opts, knob: v}, limit, check_finite, t0, path=True)
@@ -126,8 +130,10 @@ def _prepare(J, r, method, n_outputs, device, memory_limit):
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)} or 'auto'")
     op = as_row_operator(J, n_outputs)
     on_gpu = isinstance(op, ArrayRowOperator) and is_cupy_array(op.J)
-    dev = "cuda" if on_gpu else resolve_device(device)
-    r = _validate_rhs(op, r, dev)
+    # a CuPy J computes on the GPU that holds it, whatever ``device`` says
+    dev = resolve_device(f"cuda:{op.J.device.id}" if on_gpu else device, arrays=True)
+    with dev.exact_float32():  # r lands on that GPU
+        r = _validate_rhs(op, r, dev)
     if memory_limit == "auto":
         limit = default_memory_limit(dev)
     elif memory_limit is None:
@@ -238,7 +244,8 @@ def _check_plan(op, method, opts, dev, limit, n_knobs=1):
     if form == "dual" and opts.get("panel_bytes") is None:
         opts["panel_bytes"] = choose_panel_bytes(op, limit, sum(b for _, b in fixed))
     plan = memory_plan(op, method, opts, form=form, n_knobs=n_knobs, panel_bytes=opts.get("panel_bytes") or 0)
-    return check_memory(plan, limit, method=method, form=form, device="cpu" if opts.get("driver") else dev)
+    return check_memory(plan, limit, method=method, form=form,
+                        device="cpu" if opts.get("driver") else resolve_device(dev, arrays=True).type)
 
 
 # Methods that pass over J many times (CGLS twice per iteration, the range finder 2q + 2 times,
@@ -246,19 +253,24 @@ def _check_plan(op, method, opts, dev, limit, n_knobs=1):
 _MULTI_PASS = ("cg", "rsvd", "sgd")
 
 
-def _held_in_memory(op, method: str, device: str, limit: int | None, plan_total: int):
-    """J as a float64 in-memory operator when a multi-pass method can afford it, else ``op``.
+def _held_in_memory(op, method: str, device, limit: int | None, plan_total: int):
+    """J as a float64 array on ``device`` (host memory or the GPU's) when a multi-pass method can
+    afford it, else ``op``.
 
-    Every pass over a stored J reads it from HDF5 and casts each block to float64; holding the
-    float64 copy once makes each later pass one BLAS product. Taken only when the copy fits beside
-    the method's own plan within the memory limit, so the out-of-core guarantee is unchanged.
+    Every pass over a stored J reads it from HDF5, casts each block to float64 and, on a GPU,
+    uploads it; holding the float64 copy once where the products run makes each later pass one
+    BLAS product. Taken only when the copy fits beside the method's own plan within the memory
+    limit of that device, so the out-of-core guarantee is unchanged.
     """
-    if method not in _MULTI_PASS or isinstance(op, ArrayRowOperator) or device != "cpu" or limit is None:
+    if method not in _MULTI_PASS or limit is None:
         return op
+    if isinstance(op, ArrayRowOperator) and (is_cupy_array(op.J) or not device.is_cuda):
+        return op  # already an array where the products run
     m, p = op.shape
     if plan_total + 8 * m * p > limit:
         return op
-    return ArrayRowOperator(op.to_dense().astype(np.float64, copy=False), op.n_outputs)
+    held = op.to_dense().astype(np.float64, copy=False)
+    return ArrayRowOperator(device.array_module.asarray(held), op.n_outputs)
 
 
 def _finalize(result: SolveResult, op, requested, dev, opts, limit, check_finite, t0, path=False) -> SolveResult:
@@ -268,7 +280,7 @@ def _finalize(result: SolveResult, op, requested, dev, opts, limit, check_finite
         result.fitted = to_numpy(result.fitted) if result.fitted is not None else None
     result.wall_time = time.perf_counter() - t0
     result.requested_method = requested
-    result.device = "cpu" if opts.get("driver") else dev
+    result.device = "cpu" if opts.get("driver") else str(dev)
     options = {k: v for k, v in opts.items() if k != "x0"}
     if "x0" in opts:
         options["warm_start"] = opts["x0"] is not None

@@ -32,9 +32,9 @@ import warnings
 
 import numpy as np
 
-from ._xp import module_for_device, scalar
+from jacobian_store.device import module_for_device, scalar
 from .direct import finish
-from .operators import _progress
+from jacobian_store.operators import _progress
 
 
 class ConvergenceWarning(UserWarning):

@@ -43,7 +43,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.linalg
 
-from ._xp import module_for_device, scalar, to_numpy
+from jacobian_store.device import module_for_device, scalar, to_numpy
 from .result import SolveResult
 
 EPS64 = np.finfo(np.float64).eps

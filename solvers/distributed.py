@@ -49,8 +49,8 @@ from typing import Iterator
 import h5py
 import numpy as np
 
-from ._xp import array_module, module_for_device, to_numpy
-from .operators import RowBlockOperator, _check_n_outputs, _progress
+from jacobian_store.device import array_module, module_for_device, to_numpy
+from jacobian_store.operators import RowBlockOperator, _check_n_outputs, _progress
 
 # Target size of one Dask block of J as stored: large enough that the per-task overhead (a few ms)
 # is small against reading and multiplying it, small enough that a worker holds a few blocks and

@@ -14,13 +14,10 @@ vectors of length m and p; on top of that:
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
-from .operators import SLICE_BYTES
-
-GiB = 2 ** 30
+from jacobian_store.operators import SLICE_BYTES
+from jacobian_store.sizes import GiB, available_memory, format_bytes
 # Fraction of the free memory a run may plan to use by default (the rest is headroom for Python,
 # HDF5's chunk cache, LAPACK workspace and temporaries).
 DEFAULT_FRACTION = 0.8
@@ -32,47 +29,9 @@ class MemoryLimitError(ValueError):
     """The chosen method would need more memory than the limit allows."""
 
 
-def available_memory(device: str = "cpu") -> int | None:
-    """Free memory in bytes (MemAvailable on Linux; free GPU memory for ``"cuda"``), or None."""
-    if device == "cuda":
-        from ._xp import module_for_device
-
-        free, _ = module_for_device("cuda").cuda.runtime.memGetInfo()
-        return int(free)
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
 def default_memory_limit(device: str = "cpu") -> int | None:
     free = available_memory(device)
     return None if free is None else int(DEFAULT_FRACTION * free)
-
-
-def parse_bytes(text) -> int:
-    """``"12G"``, ``"512M"``, ``"1.5GiB"`` or a plain number of bytes → bytes."""
-    if isinstance(text, (int, float)):
-        return int(text)
-    s = str(text).strip().upper().replace("IB", "").replace("B", "")
-    scale = {"K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
-    try:
-        if s and s[-1] in scale:
-            return int(float(s[:-1]) * scale[s[-1]])
-        return int(float(s))
-    except ValueError:
-        raise ValueError(f"cannot read a memory size from {text!r}; write e.g. 16G, 512M or a number of bytes") from None
-
-
-def fmt_bytes(n: float) -> str:
-    return f"{n / GiB:.2f} GiB" if n >= 0.1 * GiB else f"{n / 2 ** 20:.1f} MiB"
 
 
 def block_rows_of(op) -> int:
@@ -113,7 +72,7 @@ def memory_plan(op, method: str, options: dict, *, form: str | None = None, n_kn
     elif method == "rsvd":
         ell = min(int(options.get("rank") or 1) + int(options.get("oversample", 10)), m, p)
         plan += [(f"Ω and Jᵀ Q (p × ℓ, ℓ = {ell}, float64)", 2 * 8 * p * ell),
-                 (f"J Ω, Q, U (n·L × ℓ, float64)", 3 * 8 * m * ell)]
+                 ("J Ω, Q, U (n·L × ℓ, float64)", 3 * 8 * m * ell)]
     elif method == "sgd":
         b = int(options.get("batch_size", 32)) * op.n_outputs
         plan += [(f"mini-batch rows ({b} × p) and float64 copy", b * p * (item + 8)),
@@ -128,7 +87,7 @@ def choose_panel_bytes(op, limit: int | None, fixed: int) -> int:
     m, p = op.shape
     whole = m * p * 8
     if limit is None:
-        from .operators import PANEL_BYTES
+        from jacobian_store.operators import PANEL_BYTES
 
         return min(whole, PANEL_BYTES)
     room = (limit - fixed) // 2  # leave half of what is left as headroom for temporaries
@@ -139,7 +98,7 @@ def check_memory(plan, limit: int | None, *, method: str, form: str | None, devi
     """Total of ``plan``; raise MemoryLimitError with the breakdown when it exceeds ``limit``."""
     total = sum(b for _, b in plan)
     if limit is not None and total > limit:
-        detail = "; ".join(f"{what}: {fmt_bytes(b)}" for what, b in plan if b)
+        detail = "; ".join(f"{what}: {format_bytes(b)}" for what, b in plan if b)
         where = "GPU memory" if device == "cuda" else "memory"
         hint = {"lstsq": "use method 'cg' or 'rsvd' (they hold only vectors / ℓ columns), or fewer samples",
                 "ridge": "use method 'cg' (early stopping) or 'rsvd', or fewer samples",
@@ -147,7 +106,7 @@ def check_memory(plan, limit: int | None, *, method: str, form: str | None, devi
                 "sgd": "lower the batch size",
                 "cg": "use a smaller problem"}.get(method, "")
         raise MemoryLimitError(
-            f"{method}{f' ({form} form)' if form else ''} would hold about {fmt_bytes(total)} of {where} "
-            f"but the limit is {fmt_bytes(limit)} ({detail}). To proceed: {hint}; or raise the limit "
+            f"{method}{f' ({form} form)' if form else ''} would hold about {format_bytes(total)} of {where} "
+            f"but the limit is {format_bytes(limit)} ({detail}). To proceed: {hint}; or raise the limit "
             f"(memory_limit= / --memory-limit) if more is really free.")
     return total

@@ -2,16 +2,10 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
-import numpy as np
 
-from ._xp import is_cupy_array, to_numpy
-
-# Arrays in ``extras`` up to this many elements go into ``to_dict`` as lists; larger ones as a
-# summary (shape, dtype), so a JSON record never carries J-sized data.
-MAX_LIST_ELEMENTS = 10_000
+from jacobian_store.provenance import jsonable
 
 
 @dataclasses.dataclass
@@ -62,38 +56,16 @@ class SolveResult:
                 f"time={self.wall_time:.2f}s device={self.device}")
 
     def to_dict(self) -> dict:
-        """JSON-safe record: every scalar and option, small arrays as lists, no u and no J u."""
+        """JSON-safe record (``jsonable``): every scalar and option, small arrays as lists, no u and no J u."""
         out = {}
         for field in dataclasses.fields(self):
             if field.name in ("u", "fitted"):
                 continue
-            out[field.name] = json_safe(getattr(self, field.name))
-        out["relative_residual"] = json_safe(self.relative_residual)
+            out[field.name] = jsonable(getattr(self, field.name))
+        out["relative_residual"] = jsonable(self.relative_residual)
         out["n_params"] = int(self.u.shape[0]) if self.u is not None else None
         return out
 
 
 def _short(v) -> str:
     return f"{v:g}" if isinstance(v, float) else str(v)
-
-
-def json_safe(value):
-    """Convert NumPy/CuPy scalars and arrays (small ones; big ones summarized) to JSON types."""
-    if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    if isinstance(value, np.ndarray) or is_cupy_array(value):
-        if value.size > MAX_LIST_ELEMENTS:
-            return {"omitted_array": True, "shape": list(value.shape), "dtype": str(value.dtype)}
-        return json_safe(to_numpy(value).tolist())
-    if isinstance(value, (np.bool_, bool)):
-        return bool(value)
-    if isinstance(value, (np.integer, int)):
-        return int(value)
-    if isinstance(value, (np.floating, float)):
-        value = float(value)
-        return value if math.isfinite(value) else str(value)  # JSON has no NaN/Inf
-    if value is None or isinstance(value, str):
-        return value
-    return repr(value)

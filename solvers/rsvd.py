@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._xp import module_for_device, scalar, to_numpy
+from jacobian_store.device import module_for_device, scalar, to_numpy
 from .direct import EPS64, finish, singular_value_cutoff
 
 

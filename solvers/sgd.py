@@ -34,10 +34,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._xp import module_for_device, scalar
+from jacobian_store.device import module_for_device, scalar
 from .direct import finish
 from .minibatches import minibatches, step_learning_rate
-from .operators import _progress
+from jacobian_store.operators import _progress
 
 
 def sgd_run(op, r, *, lr, weight_decay=0.0, epochs=1, batch_size=32, lr_step=None, lr_gamma=0.1,

@@ -36,7 +36,6 @@ table and figures.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import platform
@@ -220,7 +219,7 @@ def spectrum_of_model(model: torch.nn.Module, x, *, method: str = "structured", 
 
 def build_parser() -> argparse.ArgumentParser:
     from jacobian_store.architectures import available_models
-    from study.data import add_data_arguments
+    from jacobian_store.datasets import add_data_arguments
 
     parser = argparse.ArgumentParser(
         prog="bin/spectrum",
@@ -281,8 +280,9 @@ def _width_label(width: float) -> str:
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     """Run the spectra of ``--width`` values; returns the JSON records written."""
     from jacobian_store.architectures import create_model
-    from jacobian_store.build import library_versions, parse_bytes
-    from study.data import DatasetError, dataset_from_args
+    from jacobian_store.provenance import dumps, library_versions
+    from jacobian_store.sizes import parse_bytes
+    from jacobian_store.datasets import DatasetError, dataset_from_args
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -322,7 +322,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
             "seconds": seconds, "command": " ".join(["bin/spectrum", *argv_list]),
             "versions": library_versions(), "platform": platform.platform(),
         }
-        (out / f"{stem}.json").write_text(json.dumps(record, indent=2, default=_json_default) + "\n")
+        (out / f"{stem}.json").write_text(dumps(record, finite_only=False, indent=2) + "\n")
         records.append(record)
         print(f"{args.arch} ×{width:g}: m={report.n_rows} p={report.n_parameters} erank={report.effective_rank:.2f} "
               f"rank={report.numerical_rank} cond={report.condition_number:.3g} ({seconds:.1f} s)", file=sys.stderr)
@@ -330,16 +330,6 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     _write_table(out / f"{args.arch}_spectrum.md", records)
     _plot(out, args.arch, records)
     return records
-
-
-def _json_default(value):
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (np.floating,)):
-        return float(value)
-    if isinstance(value, (np.ndarray, Path)):
-        return value.tolist() if isinstance(value, np.ndarray) else str(value)
-    raise TypeError(f"not JSON serializable: {type(value).__name__}")
 
 
 def _write_table(path: Path, records: list[dict]) -> None:

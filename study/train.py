@@ -46,7 +46,9 @@ from torch import nn
 from torch.func import functional_call
 
 from jacobian_store.architectures import available_models, create_model
-from jacobian_store.functional import (initial_parameters, jvp_outputs, parameter_layout, resolve_device,
+from jacobian_store.device import resolve_device
+from jacobian_store.provenance import jsonable
+from jacobian_store.functional import (initial_parameters, jvp_outputs, parameter_layout,
                                        unflatten, vjp_flat)
 from solvers.minibatches import minibatches, step_learning_rate
 
@@ -348,10 +350,6 @@ def initial_model(config: TrainConfig, dataset, device: torch.device | str = "cp
     return model.to(device=device, dtype=_DTYPES[config.dtype])
 
 
-def _jsonable(value):
-    return json.loads(json.dumps(value, default=str))
-
-
 def dataset_fingerprint(dataset) -> dict:
     """What identifies the training problem: name, spec (less local paths), shapes, label hash."""
     spec = {k: v for k, v in (getattr(dataset, "spec", None) or {}).items()
@@ -361,7 +359,7 @@ def dataset_fingerprint(dataset) -> dict:
         digest.update(np.ascontiguousarray(split.labels.numpy() if torch.is_tensor(split.labels) else split.labels,
                                            dtype=np.int64).tobytes())
         digest.update(np.ascontiguousarray(split.targets.numpy(), dtype=np.float32).tobytes())
-    return _jsonable({
+    return jsonable({
         "name": dataset.name,
         "spec": spec,
         "train_shape": list(dataset.train.x.shape),
@@ -421,7 +419,13 @@ def train(config: TrainConfig, dataset, model_kind: str = "standard", run_dir: s
     """
     if model_kind not in MODEL_KINDS:
         raise ValueError(f"model_kind must be one of {', '.join(MODEL_KINDS)}, got {model_kind!r}")
-    device = resolve_device(config.device)
+    run_device = resolve_device(config.device)
+    with run_device.exact_float32():
+        return _train(config, dataset, model_kind, run_dir, resume, progress, run_device.torch)
+
+
+def _train(config: TrainConfig, dataset, model_kind: str, run_dir, resume: bool, progress: bool,
+           device: torch.device) -> TrainResult:
     dtype = _DTYPES[config.dtype]
     model = initial_model(config, dataset, device)
     w0 = {name: p.detach().cpu().clone() for name, p in model.named_parameters()} if model_kind == "standard" else None
@@ -518,7 +522,7 @@ def default_lr_step_epochs(dataset_name: str) -> int | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from study.data import add_data_arguments
+    from jacobian_store.datasets import add_data_arguments
 
     parser = argparse.ArgumentParser(
         prog="bin/train",
@@ -572,7 +576,7 @@ def _summary_table(results: list[TrainResult]) -> str:
 
 
 def main(argv: list[str] | None = None) -> list[TrainResult]:
-    from study.data import dataset_from_args
+    from jacobian_store.datasets import dataset_from_args
 
     args = build_parser().parse_args(argv)
     dataset = dataset_from_args(args)

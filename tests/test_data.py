@@ -1,4 +1,4 @@
-"""Tests of study.data (datasets) and study.metrics (prediction rule).
+"""Tests of jacobian_store.datasets (datasets) and study.metrics (prediction rule).
 
 Most tests use scikit-learn's digits or tiny synthetic files written to tmp_path; the tests marked
 by the ``shared_data_root`` fixture check the real MNIST and CIFAR-10 against the values published
@@ -20,8 +20,8 @@ import pytest
 import torch
 from PIL import Image
 
-from study import data
-from study.data import (DATASETS, SNAKE_CLASSES, DatasetError, add_data_arguments, dataset_from_args,
+from jacobian_store import datasets as data
+from jacobian_store.datasets import (DATASETS, SNAKE_CLASSES, DatasetError, add_data_arguments, dataset_from_args,
                         dataset_from_spec, default_data_root, load_dataset, shift_offsets)
 from study.metrics import accuracy, predict_classes
 

@@ -24,7 +24,7 @@ from jacobian_store.store import JacobianStore, StoreError  # noqa: E402
 from solvers import ArrayRowOperator, solve  # noqa: E402
 from solvers.distributed import (DaskRowOperator, _require_dask, connect, dask_operator_from_store,  # noqa: E402
                                  worker_files)
-from study.data import load_dataset  # noqa: E402
+from jacobian_store.datasets import load_dataset  # noqa: E402
 
 EPS64 = np.finfo(np.float64).eps
 
@@ -238,7 +238,7 @@ def test_missing_dask_names_the_extra(monkeypatch):
 
 
 def test_cli_scheduler(client, store_path, tmp_path, capsys):
-    from solvers.cli import main
+    from study.solve import main
 
     path = tmp_path / "s.h5"
     shutil.copy(store_path, path)

@@ -11,7 +11,7 @@ import pytest
 from jacobian_store.build import BuildSpec, build_store
 from jacobian_store.shards import existing_shards
 from jacobian_store.store import JacobianStore, StoreError
-from study.data import load_dataset
+from jacobian_store.datasets import load_dataset
 
 from conftest import REPO, assert_equal_to_float32_rounding
 

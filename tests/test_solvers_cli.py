@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 
 from solvers import solve
-from solvers.cli import build_parser, main
+from study.solve import build_parser, main
 
 
 @pytest.fixture(scope="module")
 def tiny_store(tmp_path_factory):
     """LeNet ×0.25 on 40 digits (10 outputs, J 400 × 4,157), with a test Jacobian for checking the jvp path."""
     from jacobian_store.build import BuildSpec, build_store
-    from study.data import load_dataset
+    from jacobian_store.datasets import load_dataset
 
     path = tmp_path_factory.mktemp("store") / "tiny.h5"
     dataset = load_dataset("digits", n_train=40, n_test=20, seed=0)

@@ -12,10 +12,11 @@ import pytest
 import torch
 from torch.func import functional_call, jacrev, jvp
 
-from jacobian_store.build import BuildSpec, build_store, choose_chunking, main, parse_bytes
+from jacobian_store.build import BuildSpec, build_store, choose_chunking, main
+from jacobian_store.sizes import parse_bytes
 from jacobian_store.functional import initial_parameters, unflatten, parameter_layout
 from jacobian_store.store import JacobianStore, StoreError
-from study.data import load_dataset
+from jacobian_store.datasets import load_dataset
 
 from conftest import DEVICES, REPO, assert_equal_to_float32_rounding
 
@@ -96,7 +97,7 @@ def test_alexnet_store(tmp_path):
 KILLED_BUILD = textwrap.dedent("""
     import os, signal, sys
     from jacobian_store.build import BuildSpec, build_store
-    from study.data import load_dataset
+    from jacobian_store.datasets import load_dataset
     dataset = load_dataset("digits", n_train=24, n_test=10, seed=0)
     def die_after_two(chunk):
         if chunk == 1:

@@ -4,7 +4,7 @@ An experiment file has these tables (every key optional unless marked; defaults 
 
     [experiment]  name, kind ("compare" | "spectrum" | "regularization"), description
     [dataset]     name (required), n_train, n_test ("all" or a number), binary, seed, shift, shift_seed,
-                  image_size: the arguments of study.data.load_dataset
+                  image_size: the arguments of jacobian_store.datasets.load_dataset
     [[variants]]  label, plus any [dataset] key to override: one run of the grid per variant
                   (e.g. plain and shifted MNIST); default: one variant labelled by the dataset name
     [grid]        arch, widths, seeds (model seeds: w0 and mini-batch order), models ("standard",
@@ -295,7 +295,7 @@ def _check_hyper_table(source: str, where: str, table: dict) -> None:
 
 def _check_values(e: Experiment, source: str) -> None:
     from jacobian_store.architectures import available_models
-    from study.data import DATASETS
+    from jacobian_store.datasets import DATASETS
 
     def fail(message):
         raise ConfigError(f"{source}: {message}")

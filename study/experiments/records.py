@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import platform
 import socket
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from jacobian_store.store import json_default
+from jacobian_store import provenance
+from jacobian_store.provenance import library_versions
 
 RECORD_FORMAT = 1
 
@@ -43,34 +42,8 @@ def settings_digest(settings: dict) -> str:
 
 
 def write_json_atomic(path: Path, payload: dict) -> None:
-    """Write ``payload`` to a temporary file beside ``path``, fsync, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=1, default=json_default)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-
-
-def library_versions() -> dict:
-    import h5py
-    import numpy as np
-    import scipy
-    import torch
-
-    try:
-        from importlib.metadata import version
-
-        lincnn = version("lincnn")
-    except Exception:  # not installed (running from a checkout)
-        lincnn = "unknown"
-    return {"lincnn": lincnn, "python": platform.python_version(), "torch": torch.__version__,
-            "numpy": np.__version__, "scipy": scipy.__version__, "h5py": h5py.__version__,
-            "cuda": torch.version.cuda if torch.cuda.is_available() else None}
+    """``provenance.write_json_atomic``, keeping NaN (a diverged run's loss) a number readers compute with."""
+    provenance.write_json_atomic(path, payload, finite_only=False)
 
 
 def make_record(key: str, unit: dict, settings: dict, metrics: dict, seconds: float, **extra) -> dict:

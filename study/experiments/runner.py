@@ -17,10 +17,8 @@ is done and is skipped; a record with another digest is an error naming the sett
 from __future__ import annotations
 
 import dataclasses
-import math
 import shutil
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -94,7 +92,7 @@ class Runner:
     # -- data ------------------------------------------------------------------------------------
     def dataset(self, label: str):
         if label not in self._datasets:
-            from study.data import load_dataset
+            from jacobian_store.datasets import load_dataset
 
             kwargs = self.exp.variant_dataset(label)
             name = kwargs.pop("name")
@@ -194,9 +192,9 @@ class Runner:
 
     # -- unit implementations ------------------------------------------------------------------
     def _torch_device(self) -> torch.device:
-        from jacobian_store.functional import resolve_device
+        from jacobian_store.device import resolve_device
 
-        return resolve_device(self.device)
+        return resolve_device(self.device).torch
 
     def _solver_device(self) -> str:
         # The solvers run on the GPU through CuPy: "auto" uses it when installed, else the host.
@@ -403,7 +401,7 @@ def _solve_metrics(result) -> dict:
 
 
 def _host(array) -> np.ndarray:
-    from solvers._xp import to_numpy
+    from jacobian_store.device import to_numpy
 
     return np.asarray(to_numpy(array))
 

@@ -21,7 +21,7 @@ from .records import Clock, load_records, make_record, read_record, settings_dig
 def validation_dataset(dataset, fraction: float, seed: int):
     """``dataset`` with its training split cut in two: train on the rest, the ``test`` split is the
     validation part. Recorded in ``spec["validation"]``."""
-    from study.data import Dataset, Split
+    from jacobian_store.datasets import Dataset, Split
 
     n = dataset.train.x.shape[0]
     n_val = max(1, int(round(fraction * n)))

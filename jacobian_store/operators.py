@@ -29,7 +29,7 @@ from typing import Iterator
 
 import numpy as np
 
-from ._xp import array_module, is_cupy_array, module_for_device
+from jacobian_store.device import array_module, is_cupy_array, module_for_device
 
 # Largest float64 working copy of a float32 block made at once (blocks are cut into row slices).
 SLICE_BYTES = 64 * 2**20

@@ -16,16 +16,15 @@ import argparse
 import contextlib
 import csv
 import json
-import math
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from .api import METHOD_OPTIONS, METHODS, PATH_KNOBS, solve, solve_path
-from .memory import MemoryLimitError, __doc__ as MEMORY_DOC
-from .result import json_safe
+from jacobian_store.provenance import jsonable
+from solvers.api import METHOD_OPTIONS, METHODS, PATH_KNOBS, solve, solve_path
+from solvers.memory import MemoryLimitError, __doc__ as MEMORY_DOC
 
 # command-line flag (argparse dest) → solver option
 FLAG_OPTIONS = {
@@ -165,7 +164,7 @@ def _run(args, method, options) -> int:
     with JacobianStore.open(args.store, mode=mode) as store, contextlib.ExitStack() as cluster:
         J = store.train_J  # checks the build (and shards) before any cluster is started
         if args.scheduler:
-            from .distributed import connect, dask_operator_from_store
+            from solvers.distributed import connect, dask_operator_from_store
 
             client = connect(args.scheduler)
             cluster.callback(client.close)  # closed before the store; a local cluster goes with it
@@ -212,7 +211,7 @@ def _run(args, method, options) -> int:
         print(_summary_line(records[0]) + (f" | standard train_acc={standard['train_acc']:.4f} test_acc="
                                            f"{standard['test_acc']:.4f}" if standard else ""))
     json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(json_safe(payload), indent=1) + "\n")
+    json_path.write_text(json.dumps(jsonable(payload), indent=1) + "\n")
     return 0
 
 
@@ -323,7 +322,7 @@ def _info(record, args) -> dict:
     extras = dict(record.get("extras", {}))
     info["extras"] = extras
     info["command"] = _command(args)
-    return json_safe(info)
+    return jsonable(info)
 
 
 def _command(args) -> str:

@@ -237,7 +237,7 @@ def add_data_arguments(parser: argparse.ArgumentParser, default_dataset: str = "
                             "(default: native size; 224 for snakes)")
     group.add_argument("--snake-classes", type=_comma_separated, default=None, metavar="WNID,...",
                        help="snakes: comma-separated WordNet ids in label order (default: the 10 classes of "
-                            "study.data.SNAKE_CLASSES)")
+                            "jacobian_store.datasets.SNAKE_CLASSES)")
     group.add_argument("--download", action="store_true",
                        help="let torchvision download missing MNIST or CIFAR-10 files into the data root")
 
