@@ -14,13 +14,17 @@ import torch
 from torch import nn
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
+_PARAMETER_COUNTS: dict[str, Callable[..., int]] = {}
 
 
-def register_model(name: str):
-    """Decorator adding a constructor ``fn(width, in_channels, n_outputs, image_size)`` to the registry."""
+def register_model(name: str, n_parameters: Callable[..., int]):
+    """Decorator adding a constructor ``fn(width, in_channels, n_outputs, image_size)`` to the registry,
+    with ``n_parameters(width, in_channels, n_outputs, image_size)``: its parameter count, worked out
+    from the layer sizes without building anything (so a size that cannot fit is refused first)."""
 
     def decorate(fn):
         _MODELS[name] = fn
+        _PARAMETER_COUNTS[name] = n_parameters
         return fn
 
     return decorate
@@ -57,6 +61,24 @@ def create_model(name: str, width: float = 1.0, in_channels: int = 1, n_outputs:
 
 def n_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def parameter_count(name: str, width: float = 1.0, in_channels: int = 1, n_outputs: int = 10,
+                    image_size: int = 28) -> int:
+    """p of ``create_model(name, width, ...)``, computed from the layer sizes (exact; nothing is allocated)."""
+    if name not in _MODELS:
+        raise ValueError(f"unknown architecture {name!r}; known architectures: {', '.join(available_models())}")
+    if not (isinstance(width, (int, float)) and math.isfinite(width) and width > 0):
+        raise ValueError(f"width must be a positive number, got {width!r}")
+    return _PARAMETER_COUNTS[name](width=width, in_channels=in_channels, n_outputs=n_outputs, image_size=image_size)
+
+
+def _conv(c_in: int, c_out: int, kernel: int) -> int:
+    return c_in * c_out * kernel * kernel + c_out
+
+
+def _linear(n_in: int, n_out: int) -> int:
+    return n_in * n_out + n_out
 
 
 class LeNet(nn.Module):
@@ -127,11 +149,24 @@ class AlexNet(nn.Module):
         return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
 
 
-@register_model("lenet")
+def _lenet_parameters(width, in_channels, n_outputs, image_size) -> int:
+    c1, c2, h1, h2 = (scaled(c, width) for c in (6, 16, 120, 84))
+    side = lenet_feature_side(image_size)
+    return (_conv(in_channels, c1, 5) + _conv(c1, c2, 5) + _linear(c2 * side * side, h1) + _linear(h1, h2)
+            + _linear(h2, n_outputs))
+
+
+def _alexnet_parameters(width, in_channels, n_outputs, image_size) -> int:
+    c1, c2, c3, c4, c5, h1, h2 = (scaled(c, width) for c in (64, 192, 384, 256, 256, 4096, 4096))
+    return (_conv(in_channels, c1, 11) + _conv(c1, c2, 5) + _conv(c2, c3, 3) + _conv(c3, c4, 3) + _conv(c4, c5, 3)
+            + _linear(c5 * 36, h1) + _linear(h1, h2) + _linear(h2, n_outputs))
+
+
+@register_model("lenet", _lenet_parameters)
 def _lenet(width, in_channels, n_outputs, image_size):
     return LeNet(width, in_channels, n_outputs, image_size)
 
 
-@register_model("alexnet")
+@register_model("alexnet", _alexnet_parameters)
 def _alexnet(width, in_channels, n_outputs, image_size):
     return AlexNet(width, in_channels, n_outputs, image_size)

@@ -14,6 +14,12 @@ its last bits, depend on the thread count and buffer alignment of the process th
 J's storage is allocated when the file is created (HDF5 early allocation, no fill), so writing a
 chunk touches only raw data, never the file's chunk index: a kill mid-write cannot damage the
 structure of the file, only the chunk being written, which is not yet marked done.
+
+The store is created under a scratch name beside it (``<out>.partial``) and renamed into place
+once everything but J's rows is written: ``out`` is therefore either absent or a complete
+skeleton, so a kill at any instant resumes. ``--overwrite`` replaces a store built from another
+spec, but never one another process has open (its lock is held) and never one that holds
+solutions unless ``--discard-solutions`` says they go too.
 """
 from __future__ import annotations
 
@@ -35,11 +41,12 @@ import h5py
 import numpy as np
 import torch
 
-from jacobian_store.architectures import available_models, create_model
+from jacobian_store.architectures import available_models, create_model, parameter_count
 from jacobian_store.functional import initial_parameters, parameter_layout
 from jacobian_store.provenance import library_versions
-from jacobian_store.sizes import parse_bytes
-from jacobian_store.store import FORMAT_VERSION, JacobianStore, StoreError, dataset_spec_json
+from jacobian_store.sizes import available_memory, format_bytes, parse_bytes
+from jacobian_store.store import (FORMAT_VERSION, JacobianStore, StoreError, dataset_spec_json, exclusive_lock,
+                                  open_hdf5)
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 # HDF5 chunks of about this size: one chunk is the unit of every read and write, and 32 MiB keeps
@@ -95,6 +102,20 @@ class BuildReport:
                 f"({self.rows_per_second:,.0f} rows/s, {self.megabytes_per_second:,.0f} MB/s)")
 
 
+def check_model_fits(arch: str, width: float, dataset, bytes_per_parameter: int, what: str, device,
+                     fix: str) -> int:
+    """p of the network, from its layer sizes; refuse (ValueError, with the figures) when ``what``,
+    which holds ``bytes_per_parameter`` bytes per weight, exceeds the memory free on ``device``.
+    Called before any model is built, so an impossible width is refused without allocating it."""
+    p = parameter_count(arch, width, in_channels=dataset.in_channels, n_outputs=dataset.n_outputs,
+                        image_size=dataset.image_size)
+    needed, free = p * bytes_per_parameter, available_memory(device)
+    if free is not None and needed > free:
+        raise ValueError(f"{arch} ×{width:g} has {p:,} parameters, so {what} needs about {format_bytes(needed)} but "
+                         f"{format_bytes(free)} of memory is free; {fix}")
+    return p
+
+
 def default_memory_budget(device: torch.device) -> int:
     """Bytes the build may use for one chunk's workspace: half the free GPU memory, or 2 GiB on the CPU."""
     if device.type == "cuda":
@@ -139,8 +160,19 @@ def _check_identity(path: Path, file: h5py.File, identity: dict) -> None:
         if isinstance(found, np.generic):
             found = found.item()
         if found != wanted:
+            if key == "dataset" and isinstance(found, str):  # name the fields of the spec that differ
+                key, found, wanted = _first_difference("dataset", json.loads(found), json.loads(wanted))
             raise StoreError(f"{path} was built with a different {key}: stored {found!r}, this command asks for "
-                             f"{wanted!r}; pass --overwrite to replace the store, or choose another --out")
+                             f"{wanted!r}; use the same option, choose another --out, or pass --overwrite to "
+                             f"replace the store")
+
+
+def _first_difference(prefix: str, stored: dict, wanted: dict) -> tuple[str, object, object]:
+    """(``prefix.field``, stored value, wanted value) of the first field two specs disagree on."""
+    for field in sorted(set(stored) | set(wanted)):
+        if stored.get(field) != wanted.get(field):
+            return f"{prefix}.{field}", stored.get(field), wanted.get(field)
+    return prefix, stored, wanted
 
 
 def _create_jacobian_dataset(group: h5py.Group, n_rows: int, n_params: int, dtype: np.dtype,
@@ -167,7 +199,9 @@ def _create_store(path: Path, identity: dict, model, dataset, spec: BuildSpec, d
     np_dtype = np.dtype(spec.dtype)
     layout = parameter_layout(model)
     n_chunks = {split: math.ceil(getattr(dataset, split).x.shape[0] / identity["chunk_samples"]) for split in ("train", "test")}
-    with h5py.File(path, "w") as f:
+    partial = partial_path(path)
+    partial.unlink(missing_ok=True)  # left by a creation that was killed: it is rewritten whole
+    with h5py.File(partial, "w") as f:
         for split in ("train", "test"):
             data = getattr(dataset, split)
             group = f.create_group(split)
@@ -190,9 +224,23 @@ def _create_store(path: Path, identity: dict, model, dataset, spec: BuildSpec, d
         f.attrs["device"] = str(device)
         f.attrs["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         f.attrs["command"] = command or ""
-        # Identity last: a file without format_version is a creation that did not finish.
         for key, value in identity.items():
             f.attrs[key] = value
+    _fsync(partial)
+    os.replace(partial, path)  # the store appears complete, or not at all
+
+
+def partial_path(out: Path) -> Path:
+    """Where a store is created before it is renamed to ``out``."""
+    return out.with_name(out.name + ".partial")
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class _ChunkWriter:
@@ -249,9 +297,13 @@ class _ChunkWriter:
 
 
 def build_store(out: str | Path, spec: BuildSpec, dataset, *, device: str = "auto", overwrite: bool = False,
-                memory_budget: int | None = None, progress: bool = True, command: str | None = None,
-                on_chunk_done: Callable[[int], None] | None = None) -> BuildReport:
+                discard_solutions: bool = False, memory_budget: int | None = None, progress: bool = True,
+                command: str | None = None, on_chunk_done: Callable[[int], None] | None = None) -> BuildReport:
     """Build (or resume) the store ``out`` for ``spec`` on ``dataset`` and return a report.
+
+    ``overwrite`` replaces a store at ``out`` built from another spec (or a file that is not a
+    store); one that holds solutions only with ``discard_solutions`` too, and never one that
+    another process has open.
 
     Under ``torchrun`` (WORLD_SIZE > 1) each rank builds its share of the chunks into its own shard
     file and rank 0 joins them into ``out`` (see :mod:`jacobian_store.shards`); otherwise J is
@@ -265,15 +317,38 @@ def build_store(out: str | Path, spec: BuildSpec, dataset, *, device: str = "aut
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {spec.dtype!r}")
     if spec.chunk_samples is not None and spec.chunk_samples <= 0:
         raise ValueError(f"chunk_samples must be positive, got {spec.chunk_samples}")
+    if out.is_dir():
+        raise StoreError(f"--out {out} is a directory; give the store's file name, e.g. {out / 'store.h5'}")
     ranks = Ranks.from_environment()
     build_device = ranks.device(device)
+    # The network's weights, plus one sample's L rows of J in the chunk workspace: the least a build holds.
+    itemsize = np.dtype(spec.dtype).itemsize
+    check_model_fits(spec.arch, spec.width, dataset, itemsize * (1 + JACOBIAN_WORKSPACE_FACTOR * dataset.n_outputs),
+                     "building one sample's Jacobian rows", build_device.torch, "lower --width")
     with build_device.exact_float32():
-        return _build_store(out, spec, dataset, ranks, build_device.torch, overwrite, memory_budget, progress,
-                            command, on_chunk_done)
+        return _build_store(out, spec, dataset, ranks, build_device.torch, overwrite, discard_solutions,
+                            memory_budget, progress, command, on_chunk_done)
+
+
+def _remove_replaced_store(out: Path, discard_solutions: bool) -> None:
+    """Delete the store ``out`` that --overwrite replaces, unless another process has it open or it holds
+    solutions that ``discard_solutions`` does not give up."""
+    with exclusive_lock(out):
+        try:
+            with h5py.File(out, "r", locking=False) as f:
+                solutions = sorted(f["solutions"]) if "solutions" in f else []
+        except OSError:
+            solutions = []  # not an HDF5 file: --overwrite was asked for exactly this
+        if solutions and not discard_solutions:
+            shown = ", ".join(solutions[:5]) + (", …" if len(solutions) > 5 else "")
+            raise StoreError(f"{out} holds {len(solutions)} solution(s) ({shown}) that --overwrite would delete; "
+                             f"pass --discard-solutions as well to delete them, or choose another --out")
+        out.unlink()
 
 
 def _build_store(out: Path, spec: BuildSpec, dataset, ranks, torch_device: torch.device, overwrite: bool,
-                 memory_budget: int | None, progress: bool, command: str | None, on_chunk_done) -> BuildReport:
+                 discard_solutions: bool, memory_budget: int | None, progress: bool, command: str | None,
+                 on_chunk_done) -> BuildReport:
     from jacobian_store.shards import assemble_virtual_jacobian, build_shard, is_sharded, remove_shards
 
     dtype = DTYPES[spec.dtype]
@@ -295,7 +370,7 @@ def _build_store(out: Path, spec: BuildSpec, dataset, ranks, torch_device: torch
         """Create or check ``out`` (rank 0 only); True when J lives in shard files."""
         if out.exists() and not overwrite:
             try:
-                existing = h5py.File(out, "r")
+                existing = open_hdf5(out, "r")
             except OSError:
                 raise StoreError(f"{out} exists and is not an HDF5 file, so not a lincnn store; choose another --out "
                                  f"(or pass --overwrite to replace it)") from None
@@ -313,7 +388,7 @@ def _build_store(out: Path, spec: BuildSpec, dataset, ranks, torch_device: torch
             raise StoreError(f"the store needs about {needed / 1e9:.3g} GB but {out.parent} has {free / 1e9:.3g} GB "
                              f"free; free space, choose another --out, or reduce --n-train/--width")
         if out.exists():
-            out.unlink()
+            _remove_replaced_store(out, discard_solutions)
         sharded = ranks.world_size > 1
         remove_shards(out)  # left from an earlier build at this path: they belong to another store
         _create_store(out, identity, model, dataset, spec, torch_device, chunk_rows, chunk_columns, command,
@@ -338,7 +413,7 @@ def _build_store(out: Path, spec: BuildSpec, dataset, ranks, torch_device: torch
                 ranks.from_rank0(lambda: assemble_virtual_jacobian(out, split, n_chunks, chunk_samples,
                                                                    dataset.n_outputs))
             else:
-                with h5py.File(out, "r+") as f:
+                with open_hdf5(out, "r+") as f:
                     done = f[f"{split}/done"][()]
                     if done.any() and progress:
                         print(f"resuming: {int(done.sum())} of {done.size} {split} chunks already done", flush=True)
@@ -417,7 +492,10 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--memory-budget", type=parse_bytes, default=None,
                        help="memory for one chunk's computation, e.g. 2GiB (default: 2 GiB on the CPU, half the "
                             "free memory on a GPU)")
-    build.add_argument("--overwrite", action="store_true", help="replace an existing store built from another spec")
+    build.add_argument("--overwrite", action="store_true",
+                       help="replace an existing store built from another spec (never one another process has open)")
+    build.add_argument("--discard-solutions", action="store_true",
+                       help="with --overwrite: also replace a store that holds solutions, deleting them")
     build.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
@@ -427,16 +505,21 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = _parser()
     args = parser.parse_args(argv)
-    if args.width <= 0:
-        parser.error(f"--width must be positive, got {args.width}")
+    if not (math.isfinite(args.width) and args.width > 0):
+        parser.error(f"--width must be a positive number, got {args.width}")
+    if args.discard_solutions and not args.overwrite:
+        parser.error("--discard-solutions only applies with --overwrite (it names what --overwrite may delete)")
+    if args.chunk_samples is not None and args.chunk_samples <= 0:
+        parser.error(f"--chunk-samples must be a positive integer, got {args.chunk_samples}")
     try:
         dataset = dataset_from_args(args)
         spec = BuildSpec(arch=args.arch, width=args.width, seed=args.seed, dtype=args.dtype,
                          test_jacobian=args.test_jacobian, chunk_samples=args.chunk_samples)
         command = " ".join(["bin/build-jacobian", *(sys.argv[1:] if argv is None else argv)])
         report = build_store(args.out, spec, dataset, device=args.device, overwrite=args.overwrite,
-                             memory_budget=args.memory_budget, progress=not args.quiet, command=command)
-    except (DatasetError, StoreError, ValueError) as error:
+                             discard_solutions=args.discard_solutions, memory_budget=args.memory_budget,
+                             progress=not args.quiet, command=command)
+    except (DatasetError, StoreError, ValueError, OSError) as error:
         print(f"bin/build-jacobian: error: {error}", file=sys.stderr)
         return 2
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one report for the whole job

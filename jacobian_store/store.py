@@ -17,12 +17,20 @@ File attributes: format_version, arch, width, seed, dtype, in_channels, image_si
 n_outputs, n_samples, chunk_samples, test_jacobian, dataset (JSON: the dataset's rebuild spec),
 versions (JSON), device, created, command.
 
+Concurrent use rests on the file's own lock, the ``flock`` HDF5 takes when it opens a file: shared
+while a reader has the store open, exclusive while a writer has (a build, a solve's final write).
+A reader never opens a store for writing (HDF5's "r+" would turn a 0-byte file into an empty HDF5
+file); an open that meets another process's lock is reported as a lock, not as damage.
+
 Columns follow ``model.named_parameters()`` order, each tensor flattened in C order (DESIGN.md).
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
@@ -37,6 +45,8 @@ FORMAT_VERSION = 1
 # Reads are grouped into blocks of about this many bytes: large enough to amortize HDF5 call
 # overhead, small enough that one block plus a solver's working set fits in memory.
 READ_BLOCK_BYTES = 256 * 2**20
+# Where a solution is written before it is moved to /solutions/<name>.
+PARTIAL_SOLUTIONS = "partial_solutions"
 
 
 class HDF5RowOperator(RowBlockOperator):
@@ -78,6 +88,62 @@ class HDF5RowOperator(RowBlockOperator):
         return out
 
 
+def is_lock_error(error: OSError) -> bool:
+    """True when HDF5 refused to open a file because another process holds its lock."""
+    return "unable to lock file" in str(error) or getattr(error, "errno", None) in (errno.EAGAIN, errno.EWOULDBLOCK)
+
+
+def lock_message(path) -> str:
+    return (f"{path} is in use by another process (it holds the file's lock: a running bin/build-jacobian, bin/solve "
+            f"or another program has the store open); wait for it to finish, then rerun")
+
+
+def open_hdf5(path: str | os.PathLike, mode: str = "r", **kwargs) -> h5py.File:
+    """``h5py.File(path, mode)``, with a lock held by another process reported as a StoreError saying so."""
+    try:
+        return h5py.File(path, mode, **kwargs)
+    except OSError as error:
+        if is_lock_error(error):
+            raise StoreError(lock_message(path)) from None
+        raise
+
+
+@contextmanager
+def exclusive_lock(path: str | os.PathLike, wait: bool = False):
+    """Hold the exclusive lock of the existing file ``path`` (the lock HDF5 writers take); yields its fd.
+
+    Without ``wait`` a lock held by another process (a reader included) raises StoreError at once;
+    with it, a message says what it waits for. Files opened with HDF5 while this lock is held must
+    pass ``locking=False`` (the lock is per open file, so HDF5's own would conflict with ours).
+    """
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not wait:
+                raise StoreError(lock_message(path)) from None
+            print(f"waiting for the other process using {path} to close it (it holds the file's lock)", flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield fd
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def file_identity(path_or_fd) -> tuple[int, int]:
+    """(device, inode): the same path names another file once a store has been replaced."""
+    info = os.fstat(path_or_fd) if isinstance(path_or_fd, int) else os.stat(path_or_fd)
+    return info.st_dev, info.st_ino
+
+
+def check_solution_name(name) -> str:
+    """A solution name is a plain name: one HDF5 link, never a path (no '/', not '.' or '..')."""
+    if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name:
+        raise ValueError(f"a solution name must be a plain name (not empty, '.' or '..', no '/' or '\\'); got "
+                         f"{name!r}: choose e.g. --name ridge-small")
+    return name
+
+
 def dataset_spec_json(spec: dict) -> str:
     """Canonical JSON of a dataset spec, so equal specs compare equal as strings."""
     return json.dumps(spec, sort_keys=True)
@@ -91,6 +157,12 @@ class JacobianStore:
     ...     r = (store.targets() - store.f0()).reshape(-1)
     """
 
+    # What every store holds, checked when it is opened so that a damaged or foreign file is named
+    # before any work starts (and not by a KeyError after an hour of solving).
+    REQUIRED_ATTRS = ("arch", "width", "seed", "dtype", "in_channels", "image_size", "n_params", "n_outputs",
+                      "n_samples", "dataset")
+    REQUIRED_DATASETS = ("w0", "train/f0", "train/y", "train/labels", "train/indices")
+
     def __init__(self, file: h5py.File):
         self.file = file
         self.path = Path(file.filename)
@@ -99,14 +171,52 @@ class JacobianStore:
         if int(file.attrs["format_version"]) > FORMAT_VERSION:
             raise StoreError(f"{self.path} has format version {file.attrs['format_version']}, newer than this lincnn "
                              f"reads ({FORMAT_VERSION}); upgrade lincnn")
+        self._check_structure()
+
+    def _damaged(self, problem: str) -> StoreError:
+        return StoreError(f"{self.path} is damaged: {problem}; rebuild it with bin/build-jacobian (the command that "
+                          f"made it is in its 'command' attribute), at another --out if it holds solutions you keep")
+
+    def _check_structure(self) -> None:
+        missing = [f"attribute {a!r}" for a in self.REQUIRED_ATTRS if a not in self.file.attrs]
+        missing += [f"/{d}" for d in self.REQUIRED_DATASETS if d not in self.file]
+        if missing:
+            raise self._damaged(f"it lacks {', '.join(missing)}")
+        n, L, p = self.n_samples, self.n_outputs, self.n_params
+        expected = {"w0": (p,), "train/f0": (n, L), "train/y": (n, L), "train/labels": (n,), "train/indices": (n,)}
+        for name, shape in expected.items():
+            if self.file[name].shape != shape:
+                raise self._damaged(f"/{name} has shape {self.file[name].shape}, but its attributes (n_samples={n}, "
+                                    f"n_outputs={L}, n_params={p}) say {shape}")
+        if "J" in self.file["train"] and self.file["train/J"].shape != (n * L, p):
+            raise self._damaged(f"/train/J has shape {self.file['train/J'].shape}, expected ({n * L}, {p})")
+
+    def check_finite_inputs(self, split: str = "train") -> None:
+        """Refuse NaN/Inf in w0, f0 and y (J is checked by the solvers' ``check_finite`` as it streams)."""
+        for name in ("w0", f"{split}/f0", f"{split}/y"):
+            values = self.file[name][()]
+            bad = np.flatnonzero(~np.isfinite(values.reshape(-1)))
+            if bad.size:
+                raise self._damaged(f"/{name} holds {bad.size} non-finite value(s) (first at flat index {int(bad[0])})")
 
     @classmethod
     def open(cls, path: str | os.PathLike, mode: str = "r") -> "JacobianStore":
+        """Open the store at ``path``: ``"r"`` (never modifies the file) or ``"r+"`` (to add solutions).
+
+        "r+" is taken only on a file that opens as a store read-only first, so a file that is not a
+        store is never turned into one.
+        """
         path = Path(path)
+        if mode not in ("r", "r+"):
+            raise ValueError(f"mode must be 'r' or 'r+', got {mode!r}")
+        if path.is_dir():
+            raise StoreError(f"{path} is a directory, not a Jacobian store; give the store's .h5 file")
         if not path.exists():
             raise StoreError(f"no Jacobian store at {path}; build one with bin/build-jacobian --out {path}")
+        if mode == "r+":
+            cls.open(path).close()
         try:
-            file = h5py.File(path, mode, rdcc_nbytes=64 * 2**20)
+            file = open_hdf5(path, mode, rdcc_nbytes=64 * 2**20)
         except OSError as error:
             raise StoreError(f"cannot open {path} as HDF5 ({error}); the file is damaged or not a store") from error
         try:
@@ -135,6 +245,11 @@ class JacobianStore:
                 value = json.loads(value)
             out[key] = value
         return out
+
+    @property
+    def identity(self) -> tuple[int, int]:
+        """(device, inode) of the open file: compared before a later write, to catch a replaced store."""
+        return file_identity(self.file.id.get_vfd_handle())
 
     @property
     def n_outputs(self) -> int:
@@ -218,20 +333,31 @@ class JacobianStore:
         return sorted(self.file["solutions"]) if "solutions" in self.file else []
 
     def write_solution(self, name: str, u: np.ndarray, info: dict, overwrite: bool = False) -> None:
-        """Store u under /solutions/<name> with ``info`` (options, diagnostics) as JSON attributes."""
-        if not name or "/" in name:
-            raise ValueError(f"solution name must be non-empty and contain no '/', got {name!r}")
+        """Store u under /solutions/<name> with ``info`` (options, diagnostics) as JSON attributes.
+
+        u and info are written in one group, flushed together: a reader sees both or neither.
+        """
+        check_solution_name(name)
         u = np.asarray(u)
         if u.shape != (self.n_params,):
             raise ValueError(f"u has shape {u.shape}, expected ({self.n_params},)")
+        if not np.all(np.isfinite(u)):
+            raise ValueError(f"u holds {int(np.sum(~np.isfinite(u)))} non-finite value(s); a diverged solution is "
+                             f"not stored")
         group = self.file.require_group("solutions")
-        if name in group:
-            if not overwrite:
-                raise StoreError(f"{self.path} already holds solution {name!r}; pass --overwrite or another --name")
-            del group[name]
-        entry = group.create_group(name)
+        if name in group and not overwrite:
+            raise StoreError(f"{self.path} already holds solution {name!r}; pass --overwrite or another --name")
+        # Written under a scratch name and moved into place by one link operation, so a process killed
+        # while writing leaves no half-written solution under ``name``.
+        scratch = self.file.require_group(PARTIAL_SOLUTIONS)
+        if name in scratch:
+            del scratch[name]
+        entry = scratch.create_group(name)
         entry.create_dataset("u", data=u)
         entry.attrs["info"] = dumps(info, sort_keys=True)
+        if name in group:
+            del group[name]
+        self.file.move(f"{PARTIAL_SOLUTIONS}/{name}", f"solutions/{name}")
         self.file.flush()
 
     def read_solution(self, name: str) -> tuple[np.ndarray, dict]:

@@ -6,7 +6,16 @@
     bin/solve --store runs/lenet-w5.h5 --method sgd --lr 0.01 --epochs 20 --weight-decay 1e-4
 
 Writes u and its diagnostics (every option used) into the store under ``/solutions/<name>``,
-prints a one-line summary and writes a JSON record. Train accuracy is that of f0 + J u on the
+prints a one-line summary and writes a JSON record.
+
+Every argument is checked before the store is opened; the store is opened read-only while the
+solver runs (other processes may read it meanwhile), the inputs w0, f0, y and J are checked finite
+first, and a non-finite or diverged result is refused. Saving is one short step at the end, under
+the store's exclusive lock: the JSON record is written to a temporary file, the store is checked
+to be the file the solve read (not replaced meanwhile), the record is renamed into place and u,
+with the same record as its attribute, is stored. "Together" means: a stored solution always has
+its JSON record; a kill in the instant between leaves a record without u, which rerunning the
+same command replaces. Train accuracy is that of f0 + J u on the
 stored training set; test accuracy that of f0(x) + J(x) u on the test set, with J(x) u computed by
 ``torch.func.jvp`` at w0 (no test Jacobian needed); prediction rule of ``study.metrics``.
 """
@@ -16,14 +25,18 @@ import argparse
 import contextlib
 import csv
 import json
+import math
+import os
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from jacobian_store.provenance import jsonable
-from solvers.api import METHOD_OPTIONS, METHODS, PATH_KNOBS, solve, solve_path
+from jacobian_store.provenance import dumps, jsonable
+from jacobian_store.sizes import parse_bytes
+from jacobian_store.store import check_solution_name
+from solvers.api import _REQUIRED, METHOD_OPTIONS, METHODS, PATH_KNOBS, solve, solve_path
 from solvers.memory import MemoryLimitError, __doc__ as MEMORY_DOC
 
 # command-line flag (argparse dest) → solver option
@@ -38,6 +51,8 @@ OPTION_FLAGS["lam"] = "--lambda"
 # the flag listing a path's knob values, per method
 PATH_FLAGS = {"ridge": "lambdas", "rsvd": "ranks", "cg": "iterations", "sgd": "epochs_list"}
 KNOB_LABELS = {"lam": "λ", "rank": "rank k", "maxiter": "CG iterations", "epochs": "SGD epochs"}
+# what a required option looks like, for the error that asks for it
+REQUIRED_EXAMPLES = {"lam": "--lambda 1e-3", "rank": "--rank 50", "lr": "--lr 0.01"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -119,8 +134,10 @@ def main(argv=None) -> int:
     if args.scheduler and args.driver:
         parser.error("--driver solves with LAPACK on J held in local memory; it does not combine with --scheduler")
     options = _options_from_args(parser, args, method)
+    _check_arguments(parser, args, method, options)
     try:
-        return _run(args, method, options)
+        standard = _standard_metrics(args.standard_run)
+        return _run(args, method, options, standard)
     except (MemoryLimitError, ValueError, TypeError, OSError, ImportError) as error:
         print(f"bin/solve: error: {error}", file=sys.stderr)
         return 2
@@ -131,6 +148,48 @@ def main(argv=None) -> int:
             print(f"bin/solve: error: {error}", file=sys.stderr)
             return 2
         raise
+
+
+def _check_arguments(parser, args, method, options) -> None:
+    """Refuse, before the store is opened, every argument that the command line alone shows is wrong;
+    sets ``args.name``, ``args.json`` and (paths) ``args.out`` to the paths the run will write."""
+    swept = PATH_KNOBS.get(method) if args.path else None
+    for option, default in (METHOD_OPTIONS.get(method, {}) if method != "auto" else {}).items():
+        if default is _REQUIRED and option not in options and option != swept:
+            parser.error(f"--method {method} needs {OPTION_FLAGS[option]} (e.g. {REQUIRED_EXAMPLES[option]})")
+    if args.eval_batch_size <= 0:
+        parser.error(f"--eval-batch-size must be a positive integer, got {args.eval_batch_size}")
+    if args.memory_limit != "auto":
+        try:
+            parse_bytes(args.memory_limit)
+        except ValueError as error:
+            parser.error(f"--memory-limit: {error}")
+    try:
+        args.name = check_solution_name(args.name or (f"{method}-path" if args.path else _default_name(method, options)))
+    except ValueError as error:
+        parser.error(f"--name: {error}")
+    stem = args.store.with_suffix("")
+    if args.path:
+        args.out = args.out or Path(f"{stem}.{args.name}")
+        for suffix in (".md", ".csv", ".png"):
+            _check_writable(parser, "--out", Path(f"{args.out}{suffix}"))
+        args.json = args.json or Path(f"{args.out}.json")
+    else:
+        args.json = args.json or Path(f"{stem}.{args.name}.json")
+    _check_writable(parser, "--json", args.json)
+
+
+def _check_writable(parser, flag: str, path: Path) -> None:
+    """Refuse a file path that cannot be written: a directory, or under a file or a read-only folder."""
+    if path.is_dir():
+        parser.error(f"{flag}: {path} is a directory; give a file name (e.g. {path / 'record.json'})")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent  # the folders below it are created
+    if not folder.is_dir():
+        parser.error(f"{flag}: {folder} is a file, so {path} cannot be created; choose another path")
+    if not os.access(folder, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        parser.error(f"{flag}: {path} is not writable; choose a path in a folder you can write")
 
 
 def _options_from_args(parser, args, method) -> dict:
@@ -156,13 +215,15 @@ def _options_from_args(parser, args, method) -> dict:
     return options
 
 
-def _run(args, method, options) -> int:
+def _run(args, method, options, standard) -> int:
     from jacobian_store.store import JacobianStore
 
     started = time.perf_counter()
-    mode = "r" if args.no_save else "r+"
-    with JacobianStore.open(args.store, mode=mode) as store, contextlib.ExitStack() as cluster:
+    name = args.name
+    with JacobianStore.open(args.store) as store, contextlib.ExitStack() as cluster:
+        identity = store.identity  # a save checks that the store was not replaced meanwhile
         J = store.train_J  # checks the build (and shards) before any cluster is started
+        store.check_finite_inputs()
         if args.scheduler:
             from solvers.distributed import connect, dask_operator_from_store
 
@@ -172,47 +233,108 @@ def _run(args, method, options) -> int:
         r = store.residual()
         f0, targets = store.f0("train"), store.targets("train")
         common = dict(device=args.device, memory_limit=args.memory_limit, progress=not args.quiet)
-        name = args.name or (f"{method}-path" if args.path else _default_name(method, options))
-        if not args.no_save and not args.overwrite and not args.path and name in store.solution_names():
-            raise ValueError(f"{args.store} already holds solution {name!r}; pass --overwrite or another --name")
         if args.path:
             knob = PATH_KNOBS[method]
             values = _path_values(args, method, J, options)
+            names = [_path_name(name, knob, v) for v in values]
+        else:
+            names = [name]
+        _refuse_existing(store, names, args)
+        if args.path:
             results = solve_path(J, r, method, values, **common, **options)
         else:
             results = [solve(J, r, method, **common, **options)]
+        for res, solution in zip(results, names):
+            _check_result(res, solution)
         evaluation = _Evaluator(store, args)
         records = []
-        for res in _progress(results, not args.quiet and len(results) > 1, "evaluate"):
+        for res, solution in zip(_progress(results, not args.quiet and len(results) > 1, "evaluate"), names):
             fitted = res.fitted.reshape(f0.shape)
-            record = {"name": name, **res.to_dict(), **evaluation(res.u, f0 + fitted, targets)}
+            record = {"name": solution, **res.to_dict(), **evaluation(res.u, f0 + fitted, targets)}
             if args.path:
                 record["knob"], record["value"] = knob, res.options[knob]
-                record["name"] = f"{name}@{knob}={res.options[knob]:g}"
             records.append(record)
-            if not args.no_save:
-                store.write_solution(record["name"], res.u, _info(record, args), overwrite=args.overwrite)
-        standard = _standard_metrics(args.standard_run)
         init = evaluation.at_init(f0, targets)
-        stem = args.store.with_suffix("")
-        payload = {"store": str(args.store), "store_summary": store.summary(), "command": _command(args), "scheduler": args.scheduler,
-                   "initial": init, "standard": standard, "seconds": time.perf_counter() - started}
+        payload = {"store": str(args.store), "store_summary": store.summary(), "command": _command(args),
+                   "scheduler": args.scheduler, "initial": init, "standard": standard,
+                   "seconds": time.perf_counter() - started}
     if args.path:
-        prefix = args.out or Path(f"{stem}.{name}")
-        _write_path_outputs(prefix, records, knob, method, standard)
         payload["path"] = records
-        json_path = args.json or Path(f"{prefix}.json")
-        for rec in records:
-            print(_summary_line(rec))
-        print(f"path of {len(records)} {KNOB_LABELS[knob]} values → {prefix}.md, {prefix}.csv, {prefix}.png")
     else:
         payload.update(records[0])
-        json_path = args.json or Path(f"{stem}.{name}.json")
+    _save(args, identity, [res.u for res in results], records, payload)
+    if args.path:
+        _write_path_outputs(args.out, records, knob, method, standard)
+        for rec in records:
+            print(_summary_line(rec))
+        print(f"path of {len(records)} {KNOB_LABELS[knob]} values → {args.out}.md, {args.out}.csv, {args.out}.png")
+    else:
         print(_summary_line(records[0]) + (f" | standard train_acc={standard['train_acc']:.4f} test_acc="
                                            f"{standard['test_acc']:.4f}" if standard else ""))
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(jsonable(payload), indent=1) + "\n")
     return 0
+
+
+def _path_name(name: str, knob: str, value) -> str:
+    return f"{name}@{knob}={value:g}"
+
+
+def _refuse_existing(store, names, args) -> None:
+    if args.no_save or args.overwrite:
+        return
+    taken = [n for n in names if n in store.solution_names()]
+    if taken:
+        raise ValueError(f"{args.store} already holds solution {taken[0]!r}; pass --overwrite or another --name")
+
+
+def _check_result(res, name: str) -> None:
+    """Refuse a result that is not a solution: non-finite u or residual, or a divergence.
+
+    SGD starts at u = 0, where ‖J u − r‖ = ‖r‖; ending above that means its steps made the fit worse
+    (too large a learning rate), whatever its stopping rule said.
+    """
+    relative = res.relative_residual
+    if not (np.all(np.isfinite(res.u)) and math.isfinite(relative)):
+        raise ValueError(f"{name}: {res.method} gave a non-finite solution ({res.stop_reason}); nothing was saved. "
+                         f"{_DIVERGENCE_FIX.get(res.method, 'Check the store with bin/build-jacobian')}")
+    if "diverge" in res.stop_reason or (res.method == "sgd" and relative > 1):
+        raise ValueError(f"{name}: sgd diverged (‖Ju−r‖/‖r‖ = {relative:.3e} > 1, worse than u = 0; "
+                         f"{res.stop_reason}); nothing was saved. {_DIVERGENCE_FIX['sgd']}")
+
+
+_DIVERGENCE_FIX = {"sgd": "Lower --lr (e.g. by 10×) or raise --batch-size."}
+
+
+def _save(args, identity, solutions, records, payload) -> None:
+    """Write the JSON record and (unless --no-save) u with it, in one short step (module docstring)."""
+    from jacobian_store.store import JacobianStore, StoreError, exclusive_lock, file_identity
+
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    staged = args.json.with_name(f".{args.json.name}.{os.getpid()}.tmp")
+    try:
+        with open(staged, "w") as f:
+            f.write(dumps(payload, indent=1) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        if args.no_save:
+            os.replace(staged, args.json)
+            return
+        with exclusive_lock(args.store, wait=True) as fd:
+            if file_identity(fd) != identity:
+                raise StoreError(f"{args.store} was replaced by another process while this solve ran; nothing was "
+                                 f"saved: rerun the command on the new store")
+            import h5py
+
+            with h5py.File(args.store, "r+", locking=False) as file:
+                store = JacobianStore(file)
+                os.replace(staged, args.json)
+                try:
+                    for u, record in zip(solutions, records):
+                        store.write_solution(record["name"], u, _info(record, args), overwrite=args.overwrite)
+                except BaseException:
+                    args.json.unlink(missing_ok=True)  # no record without its solution
+                    raise
+    finally:
+        staged.unlink(missing_ok=True)
 
 
 class _Evaluator:
@@ -272,6 +394,8 @@ def _path_values(args, method, J, options) -> list:
     m, p = J.shape
     if method == "ridge":
         scale = _mean_row_norm2(J)  # mean diagonal of K = J Jᵀ: λ relative to the typical eigenvalue
+        if not math.isfinite(scale):
+            J.check_finite()  # names the row of J that holds the NaN or Inf
         return [float(f"{scale * 10.0 ** e:.3g}") for e in range(-6, 3)]
     if method == "rsvd":
         grid = [k * 10 ** d for d in range(7) for k in (1, 2, 5)]
@@ -336,10 +460,18 @@ def _standard_metrics(path) -> dict | None:
         return None
     path = Path(path)
     metrics = path / "metrics.json" if path.is_dir() else path
-    data = json.loads(metrics.read_text())
+    fix = "give a bin/train run directory of a standard network (OUT/standard) or its metrics.json"
+    try:
+        data = json.loads(metrics.read_text())
+        final = data["final"]
+        final["train_acc"], final["test_acc"]
+    except FileNotFoundError:
+        raise ValueError(f"--standard-run: {metrics} does not exist; {fix}") from None
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"--standard-run: {metrics} is not a bin/train metrics record ({type(error).__name__}: "
+                         f"{error}); {fix}") from None
     if data.get("model_kind") != "standard":
-        raise ValueError(f"{metrics} is a {data.get('model_kind')!r} run, not a standard network's")
-    final = data["final"]
+        raise ValueError(f"--standard-run: {metrics} is a {data.get('model_kind')!r} run, not a standard network's; {fix}")
     return {"train_acc": final["train_acc"], "test_acc": final["test_acc"], "epochs": final.get("epoch"),
             "run": str(path), "dataset": data.get("dataset")}
 
