@@ -165,7 +165,8 @@ def _check_arguments(parser, args, method, options) -> None:
         except ValueError as error:
             parser.error(f"--memory-limit: {error}")
     try:
-        args.name = check_solution_name(args.name or (f"{method}-path" if args.path else _default_name(method, options)))
+        default = f"{method}-path" if args.path else _default_name(method, options)
+        args.name = check_solution_name(default if args.name is None else args.name)
     except ValueError as error:
         parser.error(f"--name: {error}")
     stem = args.store.with_suffix("")

@@ -33,6 +33,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import sys
 import time
 import warnings
@@ -383,11 +384,25 @@ def _check_resumable(checkpoint: dict, config: TrainConfig, model_kind: str, fin
         if name not in _RESUMABLE_FIELDS and saved.get(name) != wanted[name]:
             mismatch(name, saved.get(name), wanted[name])
     for name in fingerprint:
-        if checkpoint["dataset"].get(name) != fingerprint[name]:
-            mismatch(f"dataset.{name}", checkpoint["dataset"].get(name), fingerprint[name])
+        old, new = checkpoint["dataset"].get(name), fingerprint[name]
+        if old != new:
+            if isinstance(old, dict) and isinstance(new, dict):  # name the field of the spec, not the whole spec
+                name = next(f"{name}.{k}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k))
+                old, new = old.get(name.split(".", 1)[1]), new.get(name.split(".", 1)[1])
+            mismatch(f"dataset.{name}", old, new)
     if checkpoint["epochs_done"] > config.epochs:
         raise ValueError(f"{path} already holds {checkpoint['epochs_done']} epochs, more than the {config.epochs} asked "
                          f"for; ask for at least {checkpoint['epochs_done']} epochs or use another run directory")
+
+
+def _load_checkpoint(path: Path, device) -> dict:
+    """The checkpoint at ``path``; a truncated or damaged file is named as such, with the way out."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError) as error:
+        raise ValueError(f"{path} is truncated or damaged ({type(error).__name__}: {error}); checkpoints are written "
+                         f"whole, so it was cut or altered after it was saved: delete it (or rerun with --no-resume) "
+                         f"to start this run over") from None
 
 
 def _atomic_write(path: Path, write):
@@ -439,7 +454,7 @@ def _train(config: TrainConfig, dataset, model_kind: str, run_dir, resume: bool,
     if run_dir is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
         if resume and checkpoint_path.exists():
-            checkpoint = torch.load(checkpoint_path, map_location=device, weights_only=True)
+            checkpoint = _load_checkpoint(checkpoint_path, device)
             _check_resumable(checkpoint, config, model_kind, fingerprint, checkpoint_path)
             trainer.load_state_dict(checkpoint["state"])
             history, initial = checkpoint["history"], checkpoint["initial"]
@@ -575,17 +590,42 @@ def _summary_table(results: list[TrainResult]) -> str:
     return "\n".join(lines)
 
 
+# Copies of the weights a training run holds: w (or w0 and u), the gradient, the momentum buffer,
+# w0 kept for the distance, and the forward-mode tangents of the linearized step.
+TRAIN_COPIES_PER_PARAMETER = 5
+
+
 def main(argv: list[str] | None = None) -> list[TrainResult]:
+    """bin/train: bad data, configuration or run directory exits with status 2 and one line saying why."""
+    from jacobian_store.datasets import DatasetError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return _main(parser, args)
+    except (DatasetError, ValueError, OSError) as error:
+        parser.exit(2, f"bin/train: error: {error}\n")
+
+
+def _main(parser, args) -> list[TrainResult]:
+    from jacobian_store.build import check_model_fits
     from jacobian_store.datasets import dataset_from_args
 
-    args = build_parser().parse_args(argv)
+    if not (math.isfinite(args.width) and args.width > 0):
+        parser.error(f"--width must be a positive number, got {args.width}")
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        parser.error(f"--out {args.out} is a file; give a run directory (created if missing)")
     dataset = dataset_from_args(args)
     lr_step = args.lr_step if args.lr_step is not None else default_lr_step_epochs(dataset.name)
     config = TrainConfig(arch=args.arch, width=args.width, model_seed=args.seed, epochs=args.epochs, lr=args.lr,
                          weight_decay=args.weight_decay, batch_size=args.batch_size, lr_step_epochs=lr_step or None,
                          momentum=args.momentum, dtype="float64" if args.float64 else "float32", device=args.device,
                          batch_seed=args.batch_seed, eval_batch_size=args.eval_batch_size)
+    check_model_fits(config.arch, config.width, dataset, TRAIN_COPIES_PER_PARAMETER * _DTYPES[config.dtype].itemsize,
+                     "training", resolve_device(config.device).torch, "lower --width")
     kinds = MODEL_KINDS if args.model == "both" else (args.model,)
+    if args.out is not None:
+        _prepare_run_directory(args.out, kinds)
     results = []
     for kind in kinds:
         run_dir = args.out / kind if args.out is not None else None
@@ -595,10 +635,23 @@ def main(argv: list[str] | None = None) -> list[TrainResult]:
           f"{dataset.test.x.shape[0]} test), {results[0].n_parameters} parameters, {results[0].device}, {config.dtype}")
     print(_summary_table(results))
     if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
         _write_json(args.out / "summary.json", {"runs": [r.to_dict() for r in results]})
         print(f"metrics written to {args.out}")
     return results
+
+
+def _prepare_run_directory(out: Path, kinds) -> None:
+    """Create OUT and OUT/<model>, refusing (before any training) a path that cannot hold them."""
+    for folder in (out, *(out / kind for kind in kinds)):
+        if folder.exists() and not folder.is_dir():
+            raise ValueError(f"{folder} is a file, not a run directory; choose another --out")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise ValueError(f"cannot create the run directory {folder} ({error.strerror}); choose a writable --out") \
+                from None
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise ValueError(f"the run directory {folder} is not writable; choose a writable --out")
 
 
 if __name__ == "__main__":
