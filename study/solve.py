@@ -310,7 +310,7 @@ def _save(args, identity, solutions, records, payload) -> None:
     from jacobian_store.store import JacobianStore, StoreError, exclusive_lock, file_identity
 
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    staged = args.json.with_name(f".{args.json.name}.{os.getpid()}.tmp")
+    staged = args.json.with_name(f".{args.json.name}.tmp")  # one name: a rerun replaces what a kill left
     try:
         with open(staged, "w") as f:
             f.write(dumps(payload, indent=1) + "\n")
