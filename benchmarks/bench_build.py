@@ -27,7 +27,7 @@ import torch
 from jacobian_store.architectures import create_model
 from jacobian_store.build import BuildSpec, build_store, choose_chunking, default_memory_budget
 from jacobian_store.functional import initial_parameters, jacobian_rows
-from jacobian_store.gram import layer_plan, structured_jacobian_rows
+from jacobian_store.layer_jacobians import layer_plan, structured_jacobian_rows
 from jacobian_store.datasets import load_dataset
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

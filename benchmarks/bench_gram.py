@@ -23,7 +23,7 @@ products cost O(nÂ²), so the baseline's time on all n is roughly (n / n_subset)Â
 time (printed as an estimate, marked "~").
 
 ``--conv`` adds the micro-benchmark behind the choice of unfold over ``vmap(jacrev)`` for the
-convolution layers' per-row Jacobians (module docstring of ``jacobian_store/gram.py``).
+convolution layers' per-row Jacobians (module docstring of ``jacobian_store/layer_jacobians.py``).
 """
 from __future__ import annotations
 
@@ -129,7 +129,7 @@ def conv_microbenchmark(widths, n: int, threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
-    from jacobian_store import gram
+    from jacobian_store import layer_jacobians
     from jacobian_store.architectures import create_model
     from jacobian_store.functional import initial_parameters
 
@@ -139,16 +139,16 @@ def conv_microbenchmark(widths, n: int, threads: int) -> None:
     for w in widths:
         model = create_model("lenet", width=w, n_outputs=10, seed=0)
         x = torch.randn(n, 1, 28, 28)
-        plan = gram.layer_plan(model, x[:1])
+        plan = layer_jacobians.layer_plan(model, x[:1])
         params = initial_parameters(model)
         conv = [name for layer in plan if layer.kind == "conv" for name in layer.param_names]
         t_unfold, t_jacrev = [], []
         for _ in range(3):
             t0 = time.perf_counter()
-            gram._structured_features(model, plan, params, x)
+            layer_jacobians.layer_factors(model, plan, params, x)
             t_unfold.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            gram._partial_jacobian(model, params, conv, x)
+            layer_jacobians._partial_jacobian(model, params, conv, x)
             t_jacrev.append(time.perf_counter() - t0)
         print(f"| {w:g} | {min(t_unfold):.3f} | {min(t_jacrev):.3f} |", flush=True)
 

@@ -1,7 +1,7 @@
 """Materialize J = ∇_w f(w0, X) chunk by chunk into an HDF5 store (``bin/build-jacobian``).
 
 A build is split into chunks of ``chunk_samples`` samples (rows [c·B·L, (c+1)·B·L) of J). Each
-chunk is computed layer by layer (``gram.structured_jacobian_rows``: linear layers as outer
+chunk is computed layer by layer (``layer_jacobians.structured_jacobian_rows``: linear layers as outer
 products δ ⊗ a written in place, convolutions from their input patches, anything else by
 ``vmap(jacrev)``) on the build device, handed to a writer thread (so the
 device-to-host copy and HDF5 write of chunk c overlap the computation of chunk c + 1), written,
@@ -440,7 +440,7 @@ def _build_split(f: h5py.File, split: str, x: torch.Tensor, chunks: np.ndarray, 
     """Compute the given chunks of J(x) into ``f``'s /<split>/J and mark them done; returns rows built."""
     from tqdm.auto import tqdm
 
-    from jacobian_store.gram import layer_plan, structured_jacobian_rows
+    from jacobian_store.layer_jacobians import layer_plan, structured_jacobian_rows
 
     plan = layer_plan(model, x[:1].to(device=device, dtype=dtype))
     n_samples, n_params = x.shape[0], f[f"{split}/J"].shape[1]

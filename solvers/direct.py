@@ -13,15 +13,11 @@ pseudo-inverse, not garbage:
     dual:   α = V_k diag(1/w_k) V_kᵀ r,   u = Jᵀ α,   J u = V_k V_kᵀ r
     primal: u = V_k diag(1/w_k) V_kᵀ Jᵀ r
 
-    τ = rcond · σ_max                                            when ``rcond`` is given, else
-    τ = max( √(max(n·L, p) · ε₆₄) · σ_max ,  ε_J · ‖J‖_F )
+    τ = solvers.rank.rank_cutoff(σ, shape, route="gram", j_dtype=J's dtype, rcond=rcond)
+      = rcond·σ_max when ``rcond`` is given, else max(√(max(n·L, p)·ε₆₄)·σ_max, ε_J·‖J‖_F)
 
-The first term is numpy's ``matrix_rank`` tolerance applied to the eigenvalues of the float64
-Gram matrix, whose rounding (accumulation over p or n·L terms, then the eigensolver) is of order
-max(n·L, p)·ε₆₄·w_max: directions below it are rounding of the Gram route, not signal. The second
-is the rounding of J's own storage (ε_J = ε of J's dtype, 1.2e-7 for float32): |E_ij| ≤ ½ε_J|J_ij|
-gives ‖E‖₂ ≤ ½ε_J‖J‖_F, so by Weyl's inequality a singular value below ε_J‖J‖_F cannot be told from
-zero (‖J‖_F = √trace K comes free with K). For a 2,000 × 61,706 float32 J the first term,
+(the float64 Gram route's rounding and the storage rounding of J; derived in ``solvers/rank.py``,
+the one rule every reported rank uses). For a 2,000 × 61,706 float32 J the first term,
 ≈ 3.7e-6·σ_max, dominates; LAPACK ``gelsd`` on J itself keeps down to ε₆₄·σ_max. The two answers
 differ only by the components of u along directions with σ between the two cut-offs: invisible in
 J u (those directions carry σ_i·|u_i| ≤ τ·|u_i|) but possibly large in u (|u_i| = |r_i|/σ_i).
@@ -44,33 +40,17 @@ import numpy as np
 import scipy.linalg
 
 from jacobian_store.device import module_for_device, scalar, to_numpy
+from .rank import rank_cutoff
 from .result import SolveResult
 
-EPS64 = np.finfo(np.float64).eps
 FORMS = ("auto", "dual", "primal")
 DRIVERS = ("gelsd", "gelsy", "gelss")
 
 
-def gram_rcond(shape) -> float:
-    """The Gram route's own rounding floor, relative to σ_max (see the module docstring)."""
-    return float(np.sqrt(max(shape) * EPS64))
-
-
-def singular_value_cutoff(sigma_max: float, fro_norm: float, dtype, rcond, floor_rcond: float) -> float:
-    """τ: singular values σ ≤ τ count as zero. ``rcond`` given: rcond·σ_max; else the larger of the
-    method's rounding floor (floor_rcond·σ_max) and the storage rounding of J (ε_J·‖J‖_F)."""
-    if rcond is not None:
-        return float(rcond) * sigma_max
-    eps_j = np.finfo(np.dtype(dtype)).eps if np.dtype(dtype).kind == "f" else EPS64
-    return max(floor_rcond * sigma_max, float(eps_j) * fro_norm)
-
-
 def _gram_cutoff(w, dtype, rcond, shape) -> float:
-    w_host = np.clip(to_numpy(w), 0.0, None)
-    if not w_host.size:
-        return 0.0
-    return singular_value_cutoff(float(np.sqrt(w_host.max())), float(np.sqrt(w_host.sum())), dtype, rcond,
-                                 gram_rcond(shape))
+    """τ for the eigenvalues w of the float64 Gram matrix of a J of ``dtype`` (solvers/rank.py)."""
+    return rank_cutoff(np.sqrt(np.clip(to_numpy(w), 0.0, None)), shape, route="gram", accumulation=np.float64,
+                       j_dtype=dtype, rcond=rcond)
 
 
 def resolve_form(form: str, shape) -> str:

@@ -11,9 +11,9 @@ and the rank-k truncated solution (the rank k is the regularizer)
 
     u = V_k Σ_k⁻¹ U_kᵀ r,   over the σ_i > τ among the first k,
 
-with the cut-off of ``direct.py``: τ = rcond·σ_1 when ``rcond`` is given, else
-τ = max(max(n·L, p)·ε₆₄·σ_1, ε_J·‖σ‖₂) (numpy's ``matrix_rank`` tolerance for an SVD computed
-on J itself, and the storage rounding of J, ‖σ‖₂ ≤ ‖J‖_F standing in for the Frobenius norm), so
+with the one rank cut-off (``solvers/rank.py``, route "svd"): τ = rcond·σ_1 when ``rcond`` is
+given, else τ = max(max(n·L, p)·ε₆₄·σ_1, ε_J·‖σ‖₂) (the float64 SVD of Jᵀ Q, and the storage
+rounding of J, ‖σ‖₂ ≤ ‖J‖_F standing in for the Frobenius norm), so
 asking for more directions than J has gives the pseudo-inverse rather than a division by noise.
 Cost: 2 + 2·power_iter passes over J, plus one more for J u. Memory: Ω, J Ω and Bᵀ, i.e.
 about (2p + 2n·L)·ℓ float64 numbers, besides one row block. At k = min(n·L, p) the range finder
@@ -25,7 +25,8 @@ from __future__ import annotations
 import numpy as np
 
 from jacobian_store.device import module_for_device, scalar, to_numpy
-from .direct import EPS64, finish, singular_value_cutoff
+from .direct import finish
+from .rank import rank_cutoff
 
 
 def _orth(Y, xp):
@@ -54,10 +55,8 @@ def randomized_svd(op, rank: int, *, oversample: int = 10, power_iter: int = 2, 
 
 
 def _cutoff(sigma, op, rcond) -> float:
-    s = to_numpy(sigma)
-    if not s.size:
-        return 0.0
-    return singular_value_cutoff(float(s[0]), float(np.linalg.norm(s)), op.dtype, rcond, max(op.shape) * EPS64)
+    # Ω, Q and Bᵀ are float64, so the products with J accumulate in float64 whatever J's dtype
+    return rank_cutoff(to_numpy(sigma), op.shape, route="svd", accumulation=np.float64, j_dtype=op.dtype, rcond=rcond)
 
 
 def _truncated_coefficients(U, sigma, r, cutoff, xp):

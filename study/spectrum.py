@@ -6,22 +6,19 @@ one n·L × n·L symmetric eigenvalue problem (``jacobian_store.gram`` builds K 
 
 Summaries, for σ_1 ≥ σ_2 ≥ … ≥ 0:
 
-- numerical rank: #{i : σ_i > c} for a cutoff c. The default c is the resolution of σ computed
-  through K in the precision eps of J (float32 unless the model is float64):
+- numerical rank: #{i : σ_i > c} for a cut-off c. The default c is the one rule of
+  ``solvers/rank.py`` (``rank_cutoff``, route "gram"), the same τ that ``bin/solve --method lstsq``
+  applies to the same J, so both report the same rank:
 
-      c = max( √(eps · ‖K‖_F) ,  eps · ‖J‖_F ),   ‖K‖_F = (Σ σ_i⁴)^½,  ‖J‖_F = (Σ σ_i²)^½.
+      c = max( √(max(m, p)·ε₆₄)·σ_max ,  ε_J·‖J‖_F ),   ‖J‖_F = (Σ σ_i²)^½,
 
-  K is accumulated from products of float32 per-layer Jacobian blocks, so its entries carry
-  rounding near eps·|J_i|·|J_j| (measured: ‖K_structured − K_float64‖_F ≈ 0.6·eps·‖K‖_F). By Weyl's
-  inequality an eigenvalue λ = σ² moves by at most ‖δK‖₂ ≤ ‖δK‖_F ≈ eps·‖K‖_F, so σ below
-  √(eps·‖K‖_F) (≥ √eps·σ_max ≈ 3.5e-4·σ_max) cannot be told from rounding; the second term is the
-  rounding of J's own entries (‖E‖₂ ≤ eps·‖J‖_F), which only matters beyond n·L ≈ 1/eps rows.
-  Both come from the singular values alone, so a spectrum read back from .npy gets the same c.
-  Not numpy's ``matrix_rank`` rule σ_max·max(m, p)·eps (``cutoff="matrix_rank"``): that is a
-  worst-case bound for an SVD of J itself and grows with p, to 0.72·σ_max for LeNet×10
-  (p = 6.06 M, measured rank 10 of 6,000 where the √(eps‖K‖) rule finds all 6,000 above 0.069 with
-  σ_min = 0.62) and beyond σ_max for p > 1/eps ≈ 8.4 M (AlexNet from width ≈ 0.4: rank 0).
-  ``cutoff=`` a number sets c directly.
+  the rounding of K accumulated in float64 (``jacobian_store.gram`` takes the products of the
+  float32 per-layer pieces in float64) read through Weyl's inequality, and the storage rounding of
+  J in its dtype (ε_J = 1.2e-7 for float32). Both come from the singular values alone, so a spectrum
+  read back from .npy gets the same c. ``cutoff="matrix_rank"`` is numpy's ``matrix_rank`` rule
+  σ_max·max(m, p)·ε_J (route "svd" in J's precision): a worst-case bound for an SVD of J itself in
+  float32 that grows with p, to 0.72·σ_max for LeNet×10 (p = 6.06 M) and beyond σ_max for
+  p > 1/ε₃₂ ≈ 8.4 M (AlexNet from width ≈ 0.4: rank 0). ``cutoff=`` a number sets c directly.
 - effective rank (Roy & Vetterli, 2007): p_i = σ_i / Σ_j σ_j, erank = exp(−Σ_i p_i log p_i) with
   0·log 0 = 0. It lies in [1, rank] and equals k for k equal non-zero singular values. The report
   computes it over the non-vanishing σ (those above c; the rest count as 0): thousands of rounding-
@@ -52,10 +49,8 @@ import torch
 logger = logging.getLogger(__name__)
 
 __all__ = ["SpectrumReport", "singular_values_from_gram", "singular_values_from_eigenvalues", "effective_rank",
-           "default_cutoff", "numerical_rank", "condition_number", "spectrum_from_gram",
-           "spectrum_from_singular_values", "spectrum_of_model", "main"]
-
-FLOAT32_EPS = float(np.finfo(np.float32).eps)
+           "numerical_rank", "condition_number", "spectrum_from_gram", "spectrum_from_singular_values",
+           "spectrum_of_model", "main"]
 
 
 # ---------------------------------------------------------------------------------- primitives
@@ -105,21 +100,6 @@ def effective_rank(sigma) -> float:
     return float(np.exp(-np.sum(p * np.log(p))))
 
 
-def default_cutoff(sigma, eps: float = FLOAT32_EPS) -> float:
-    """max(√(eps·‖K‖_F), eps·‖J‖_F) from the singular values: the resolution of σ computed through
-    K = J Jᵀ in precision eps (module docstring)."""
-    s = _checked_spectrum(sigma)
-    k_fro = math.sqrt(float(np.sum(s**4)))
-    j_fro = math.sqrt(float(np.sum(s**2)))
-    return max(math.sqrt(eps * k_fro), eps * j_fro)
-
-
-def matrix_rank_cutoff(sigma_max: float, m: int, p: int | None = None, eps: float = FLOAT32_EPS) -> float:
-    """numpy ``matrix_rank``'s rule σ_max·max(m, p)·eps; ``cutoff="matrix_rank"``. Meaningless for
-    wide J (≥ σ_max once max(m, p)·eps ≥ 1), see the module docstring."""
-    return float(sigma_max) * max(int(m), int(p or 0)) * float(eps)
-
-
 def numerical_rank(sigma, cutoff: float) -> int:
     """#{i : σ_i > cutoff}."""
     return int(np.count_nonzero(_checked_spectrum(sigma) > cutoff))
@@ -143,12 +123,12 @@ class SpectrumReport:
     sigma_max: float
     sigma_min: float                 # smallest σ above the cutoff
     cutoff: float
-    cutoff_rule: str                 # the default's formula, "sigma_max*max(m,p)*eps …" or "user"
+    cutoff_rule: str                 # the formula applied (solvers.rank.describe_rank_cutoff) or "user"
     numerical_rank: int
     effective_rank: float            # over σ > cutoff (module docstring)
     effective_rank_unfiltered: float  # over every σ
     condition_number: float          # σ_max / σ_min over σ > cutoff
-    eps: float
+    eps: float                       # ε_J, machine epsilon of J's dtype
     metadata: dict = field(default_factory=dict)
 
     def to_dict(self, include_singular_values: bool = False) -> dict:
@@ -163,43 +143,54 @@ class SpectrumReport:
 
 
 def spectrum_from_singular_values(sigma, n_rows: int, n_parameters: int | None = None, *,
-                                  cutoff: float | str | None = None, eps: float = FLOAT32_EPS,
+                                  cutoff: float | str | None = None, j_dtype="float32", accumulation="float64",
                                   metadata: dict | None = None) -> SpectrumReport:
     """A :class:`SpectrumReport` from singular values of J (any order).
 
-    cutoff: None or "gram" (default, :func:`default_cutoff`), "matrix_rank"
-    (:func:`matrix_rank_cutoff`), or a number.
+    cutoff: None or "gram" (default: ``solvers.rank.rank_cutoff`` for σ computed through a Gram
+    matrix accumulated in ``accumulation`` from a J of ``j_dtype``), "matrix_rank" (numpy's rule,
+    route "svd" in J's precision), or a number.
     """
+    from solvers.rank import describe_rank_cutoff, machine_epsilon, rank_cutoff
+
     s = np.sort(_checked_spectrum(sigma))[::-1]
     if n_parameters is not None:
         s = s[:min(n_rows, n_parameters)]  # J has min(m, p) singular values; the rest of K's are zeros
     if s.size == 0:
         raise ValueError("no singular values given")
     sigma_max = float(s[0])
+    shape = (n_rows, n_parameters)
     if cutoff is None or cutoff == "gram":
-        c, rule = default_cutoff(s, eps), f"max(sqrt(eps*|K|_F), eps*|J|_F) (eps={eps:.3g})"
+        route = dict(route="gram", accumulation=accumulation, j_dtype=j_dtype)
     elif cutoff == "matrix_rank":
-        c, rule = matrix_rank_cutoff(sigma_max, n_rows, n_parameters, eps), f"sigma_max*max(m,p)*eps (eps={eps:.3g})"
+        route = dict(route="svd", accumulation=j_dtype, j_dtype=j_dtype)
     else:
         if isinstance(cutoff, str) or not (isinstance(cutoff, (int, float)) and math.isfinite(cutoff) and cutoff >= 0):
             raise ValueError(f"cutoff must be a non-negative number, 'gram' (default) or 'matrix_rank', got {cutoff!r}")
+        route = None
+    if route is None:
         c, rule = float(cutoff), "user"
+    else:
+        c, rule = rank_cutoff(s, shape, **route), describe_rank_cutoff(**route)
     kept = s[s > c]
     return SpectrumReport(
         n_rows=int(n_rows), n_parameters=None if n_parameters is None else int(n_parameters), singular_values=s,
         sigma_max=sigma_max, sigma_min=float(kept[-1]) if kept.size else math.nan, cutoff=c, cutoff_rule=rule,
         numerical_rank=int(kept.size), effective_rank=effective_rank(kept),
-        effective_rank_unfiltered=effective_rank(s), condition_number=condition_number(s, c), eps=float(eps),
+        effective_rank_unfiltered=effective_rank(s), condition_number=condition_number(s, c),
+        eps=machine_epsilon(j_dtype),
         metadata=dict(metadata or {}))
 
 
 def spectrum_from_gram(K, n_parameters: int | None = None, *, cutoff: float | str | None = None,
-                       eps: float = FLOAT32_EPS, metadata: dict | None = None) -> SpectrumReport:
-    """A :class:`SpectrumReport` of J from K = J Jᵀ (n_parameters = p keeps J's min(m, p) values)."""
+                       j_dtype="float32", accumulation="float64", metadata: dict | None = None) -> SpectrumReport:
+    """A :class:`SpectrumReport` of J from K = J Jᵀ (n_parameters = p keeps J's min(m, p) values);
+    ``accumulation``: the dtype K's products were summed in, ``j_dtype``: J's (for the cut-off)."""
     t0 = time.perf_counter()
     sigma = singular_values_from_gram(K)
     meta = {"eigh_seconds": time.perf_counter() - t0, **(metadata or {})}
-    return spectrum_from_singular_values(sigma, np.shape(K)[0], n_parameters, cutoff=cutoff, eps=eps, metadata=meta)
+    return spectrum_from_singular_values(sigma, np.shape(K)[0], n_parameters, cutoff=cutoff, j_dtype=j_dtype,
+                                         accumulation=accumulation, metadata=meta)
 
 
 def spectrum_of_model(model: torch.nn.Module, x, *, method: str = "structured", cutoff: float | str | None = None,
@@ -211,8 +202,8 @@ def spectrum_of_model(model: torch.nn.Module, x, *, method: str = "structured", 
 
     K, info = gram_matrix(model, x, method=method, block_samples=block_samples, device=device, progress=progress,
                           memory_budget=memory_budget, return_info=True)
-    eps = float(torch.finfo(next(model.parameters()).dtype).eps)
-    return spectrum_from_gram(K, info.n_parameters, cutoff=cutoff, eps=eps, metadata={"gram": info.to_dict()})
+    return spectrum_from_gram(K, info.n_parameters, cutoff=cutoff, j_dtype=info.dtype, accumulation=info.accumulation,
+                              metadata={"gram": info.to_dict()})
 
 
 # -------------------------------------------------------------------------------------------- CLI
@@ -241,8 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--method", choices=("structured", "jacobian"), default="structured",
                      help="structured: K without forming J (default); jacobian: J in row blocks (checking only)")
     run.add_argument("--cutoff", type=_cutoff_arg, default=None,
-                     help="singular values ≤ cutoff count as zero: a number, 'gram' (default: max(√(eps·‖K‖_F), "
-                          "eps·‖J‖_F), the resolution of σ through K) or 'matrix_rank' (σ_max·max(m,p)·eps)")
+                     help="singular values ≤ cutoff count as zero: a number, 'gram' (default: max(√(max(m,p)·ε64)·σ_max, "
+                          "ε_J·‖J‖_F), the rule of bin/solve --method lstsq) or 'matrix_rank' (σ_max·max(m,p)·ε_J)")
     run.add_argument("--block-samples", type=int, default=None, help="samples per Gram block (default: from the budget)")
     run.add_argument("--memory-budget", default=None,
                      help="memory for the Gram features, e.g. 2GiB (default: min(4 GiB, half the available RAM); "

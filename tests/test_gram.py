@@ -210,7 +210,7 @@ def test_bad_inputs_give_clear_errors():
 def test_structured_jacobian_rows_equal_vmap_jacrev(case):
     """The store's layer-by-layer J against vmap(jacrev) of the whole network, in float64."""
     from jacobian_store.functional import initial_parameters, jacobian_rows
-    from jacobian_store.gram import structured_jacobian_rows
+    from jacobian_store.layer_jacobians import structured_jacobian_rows
 
     torch.manual_seed(0)
     if case == "mixed":  # every fallback, a root-level parameter and an unused layer (zero columns)
@@ -237,7 +237,7 @@ def test_structured_jacobian_rows_equal_vmap_jacrev(case):
 
 def test_structured_jacobian_rows_of_a_network_without_linear_or_conv_layers():
     from jacobian_store.functional import initial_parameters, jacobian_rows
-    from jacobian_store.gram import structured_jacobian_rows
+    from jacobian_store.layer_jacobians import structured_jacobian_rows
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.LayerNorm(8), nn.Tanh()).double()

@@ -9,10 +9,12 @@ import pytest
 import torch
 
 from jacobian_store.architectures import create_model
-from study.spectrum import (FLOAT32_EPS, condition_number, default_cutoff, effective_rank, main, matrix_rank_cutoff,
-                            numerical_rank,
-                            singular_values_from_eigenvalues, singular_values_from_gram, spectrum_from_gram,
-                            spectrum_from_singular_values, spectrum_of_model)
+from solvers.rank import rank_cutoff
+from study.spectrum import (condition_number, effective_rank, main, numerical_rank, singular_values_from_eigenvalues,
+                            singular_values_from_gram, spectrum_from_gram, spectrum_from_singular_values,
+                            spectrum_of_model)
+
+EPS32, EPS64 = float(np.finfo(np.float32).eps), float(np.finfo(np.float64).eps)
 
 
 # ------------------------------------------------------------------------- effective rank
@@ -62,11 +64,22 @@ def test_numerical_rank_and_condition_number():
     assert numerical_rank(sigma, cutoff=1e-6) == 3
     assert condition_number(sigma, cutoff=1e-6) == pytest.approx(10.0)
     assert math.isnan(condition_number(np.zeros(3)))
-    # √(eps·‖K‖_F) with ‖K‖_F = √Σσ⁴ = √(10⁴ + 4⁴ + 1) here; eps·‖J‖_F is far smaller.
-    assert default_cutoff(sigma) == pytest.approx(math.sqrt(FLOAT32_EPS * math.sqrt(1e4 + 256 + 1)), rel=1e-12)
-    assert default_cutoff(np.ones(4), eps=0.5) == pytest.approx(max(math.sqrt(0.5 * 2.0), 0.5 * 2.0))
-    assert matrix_rank_cutoff(10.0, m=200, p=1000) == pytest.approx(10.0 * 1000 * FLOAT32_EPS)
-    assert matrix_rank_cutoff(10.0, m=200) == pytest.approx(10.0 * 200 * FLOAT32_EPS)
+
+
+def test_default_cutoff_is_the_rank_rule_of_the_solvers():
+    sigma = np.array([10.0, 4.0, 1.0, 1e-9, 0.0])
+    report = spectrum_from_singular_values(sigma, n_rows=5, n_parameters=200)
+    # max(√(200·ε₆₄)·σ_1, ε₃₂·‖σ‖₂): the storage term wins for so small a J
+    assert report.cutoff == pytest.approx(max(math.sqrt(200 * EPS64) * 10.0, EPS32 * math.sqrt(117.0)), rel=1e-12)
+    assert report.cutoff == rank_cutoff(sigma, (5, 200))
+    assert report.numerical_rank == 3 and report.eps == EPS32
+    # a float64 J has only the Gram route's rounding
+    assert spectrum_from_singular_values(sigma, 5, 200, j_dtype=torch.float64).cutoff == pytest.approx(
+        math.sqrt(200 * EPS64) * 10.0, rel=1e-12)
+    # numpy's matrix_rank tolerance, σ_1·max(m, p)·ε_J
+    assert spectrum_from_singular_values(sigma, 5, 200, cutoff="matrix_rank").cutoff == pytest.approx(
+        10.0 * 200 * EPS32, rel=1e-12)
+    assert spectrum_from_singular_values(sigma, 5, cutoff="matrix_rank").cutoff == pytest.approx(10.0 * 5 * EPS32)
 
 
 def test_matrix_rank_rule_is_available_but_not_the_default():
@@ -74,9 +87,9 @@ def test_matrix_rank_rule_is_available_but_not_the_default():
     # the outliers; the Gram-resolution default keeps the whole bulk.
     sigma = np.r_[np.full(10, 100.0), np.linspace(30.0, 0.6, 990)]
     wide = spectrum_from_singular_values(sigma, n_rows=1000, n_parameters=6_000_000, cutoff="matrix_rank")
-    assert wide.numerical_rank == 10 and wide.cutoff == pytest.approx(100.0 * 6e6 * FLOAT32_EPS)
+    assert wide.numerical_rank == 10 and wide.cutoff == pytest.approx(100.0 * 6e6 * EPS32)
     default = spectrum_from_singular_values(sigma, n_rows=1000, n_parameters=6_000_000)
-    assert default.numerical_rank == 1000 and default.cutoff_rule.startswith("max(sqrt(eps*|K|_F)")
+    assert default.numerical_rank == 1000 and default.cutoff_rule.startswith("max(sqrt(max(m,p)*eps_acc)")
 
 
 def known_svd_matrix(sigma, m, p, seed=0):
@@ -92,7 +105,7 @@ def test_spectrum_from_gram_recovers_known_singular_values():
     report = spectrum_from_gram(J @ J.T, n_parameters=40)
     np.testing.assert_allclose(report.singular_values[:12], sigma[:12], rtol=1e-10)
     assert report.numerical_rank == 12
-    assert report.cutoff == pytest.approx(math.sqrt(FLOAT32_EPS * math.sqrt(np.sum(sigma**4))), rel=1e-8)
+    assert report.cutoff == pytest.approx(rank_cutoff(sigma, (20, 40)), rel=1e-8)
     assert report.condition_number == pytest.approx(100.0, rel=1e-10)
     assert report.effective_rank == pytest.approx(effective_rank(sigma), rel=1e-9)
     assert report.sigma_min == pytest.approx(0.5, rel=1e-10)
@@ -115,10 +128,11 @@ def test_fewer_parameters_than_rows_keeps_min_m_p_values_and_user_cutoff():
 
 
 def test_noise_floor_does_not_count():
-    # 5 true singular values and 995 at the float32 rounding level of K: the default cutoff drops
-    # them; the unfiltered effective rank shows how much they would have added.
+    # 5 true singular values and 995 at the rounding level of a K accumulated in float32
+    # (√ε₃₂·σ_1 ≈ 3.5e-4): the cutoff for that route, √(5000·ε₃₂)·σ_1 = 0.024, drops them; the
+    # unfiltered effective rank shows how much they would have added.
     sigma = np.r_[np.ones(5), np.full(995, 3e-4)]
-    report = spectrum_from_singular_values(sigma, n_rows=1000, n_parameters=5000)
+    report = spectrum_from_singular_values(sigma, n_rows=1000, n_parameters=5000, accumulation="float32")
     assert report.numerical_rank == 5
     assert report.effective_rank == pytest.approx(5.0)
     assert report.effective_rank_unfiltered > 5.5
