@@ -43,6 +43,7 @@ import torch
 
 from jacobian_store.architectures import available_models, create_model, parameter_count
 from jacobian_store.functional import initial_parameters, parameter_layout
+from jacobian_store.progress import progress_bar
 from jacobian_store.provenance import library_versions
 from jacobian_store.sizes import available_memory, format_bytes, parse_bytes
 from jacobian_store.store import (FORMAT_VERSION, JacobianStore, StoreError, dataset_spec_json, exclusive_lock,
@@ -438,16 +439,13 @@ def _stored_chunk_samples(out: Path, overwrite: bool) -> int | None:
 def _build_split(f: h5py.File, split: str, x: torch.Tensor, chunks: np.ndarray, model, params, chunk_samples: int,
                  n_outputs: int, device, dtype, progress: bool, on_chunk_done) -> int:
     """Compute the given chunks of J(x) into ``f``'s /<split>/J and mark them done; returns rows built."""
-    from tqdm.auto import tqdm
-
     from jacobian_store.layer_jacobians import layer_plan, structured_jacobian_rows
 
     plan = layer_plan(model, x[:1].to(device=device, dtype=dtype))
     n_samples, n_params = x.shape[0], f[f"{split}/J"].shape[1]
     row_bytes = n_params * f[f"{split}/J"].dtype.itemsize
     rows_todo = sum(min(chunk_samples, n_samples - c * chunk_samples) for c in chunks) * n_outputs
-    bar = tqdm(total=rows_todo, unit="row", unit_scale=True, desc=f"J[{split}]", disable=not progress,
-               dynamic_ncols=True)
+    bar = progress_bar(total=rows_todo, unit="row", unit_scale=True, desc=f"J[{split}]", enabled=progress)
     writer = _ChunkWriter(f, split, on_chunk_done)
     started = time.perf_counter()
     try:

@@ -1,7 +1,8 @@
 """Datasets of the study, as standardized tensors plus everything needed to rebuild them exactly.
 
 ``load_dataset("mnist", n_train=1000, binary=3)`` returns a :class:`Dataset` with a train and a
-test :class:`Split`. Known datasets (``DATASETS``):
+test :class:`Split`. Each dataset is one source function registered by name with
+:func:`register_dataset` (like the architectures); ``DATASETS`` lists them. Known datasets:
 
 - ``digits``: scikit-learn's bundled handwritten digits (1,797 images, 8×8, values 0..16), resized
   to 28×28 (bilinear) and split by ``seed`` into a class-balanced test split of 500 images and a
@@ -45,13 +46,11 @@ import zlib
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-DATASETS = ("digits", "mnist", "mnist-shifted", "cifar10", "snakes")
 
 #: The default snake classes: WordNet id → name, in label order.
 SNAKE_CLASSES = {
@@ -128,7 +127,7 @@ def load_dataset(name: str, *, data_root: str | os.PathLike | None = None, n_tra
                  n_test: int | None = None, binary: int | None = None, seed: int = 0, shift: int = 7,
                  shift_seed: int = 0, image_size: int | None = None,
                  snake_classes: Sequence[str] | None = None, download: bool = False) -> Dataset:
-    """Load dataset ``name`` (one of ``DATASETS``), standardized, as train and test splits.
+    """Load dataset ``name`` (one of :func:`available_datasets`), standardized, as train and test splits.
 
     n_train, n_test: sizes of class-balanced random subsets drawn with ``seed`` (None: the whole
         split). Classes get equal counts, except that a class too small to give its share gives
@@ -140,21 +139,19 @@ def load_dataset(name: str, *, data_root: str | os.PathLike | None = None, n_tra
     snake_classes: ``snakes`` only: WordNet ids in label order (default: ``SNAKE_CLASSES``).
     download: let torchvision fetch missing MNIST or CIFAR-10 files into the data root.
     """
-    if name not in DATASETS:
-        raise DatasetError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
+    if name not in _REGISTRY:
+        raise DatasetError(f"unknown dataset {name!r}; known datasets: {', '.join(_REGISTRY)}")
+    entry = _REGISTRY[name]
     n_train = _checked_int("n_train", n_train, minimum=1, optional=True)
     n_test = _checked_int("n_test", n_test, minimum=1, optional=True)
     seed = _checked_int("seed", seed, minimum=0)
     image_size = _checked_int("image_size", image_size, minimum=1, optional=True)
     root = Path(data_root).expanduser() if data_root is not None else default_data_root()
-    shifted = name == "mnist-shifted"
-    if shifted:
-        shift = _checked_int("shift", shift, minimum=0, maximum=27)
-        shift_seed = _checked_int("shift_seed", shift_seed, minimum=0)
-    classes = _checked_snake_classes(snake_classes) if name == "snakes" else None
+    # Only the options the source reads are checked, passed and recorded; the others stay None.
+    given = {"shift": shift, "shift_seed": shift_seed, "snake_classes": snake_classes}
+    own = {key: _OPTION_CHECKS[key](given[key]) for key in entry.options}
 
-    source = _load_source(name, root, seed=seed, shift=shift, shift_seed=shift_seed, classes=classes,
-                          download=download)
+    source = entry.load(root, seed=seed, download=download, **own)
     n_classes = len(source.class_names)
     if binary is not None:
         binary = _checked_int("binary", binary, minimum=0, maximum=n_classes - 1)
@@ -168,8 +165,8 @@ def load_dataset(name: str, *, data_root: str | os.PathLike | None = None, n_tra
         splits[split] = _make_split(source, split, n, seed, size, binary)
     spec = {
         "name": name, "n_train": n_train, "n_test": n_test, "binary": binary, "seed": seed,
-        "shift": shift if shifted else None, "shift_seed": shift_seed if shifted else None,
-        "image_size": size, "snake_classes": list(classes) if classes else None,
+        "shift": own.get("shift"), "shift_seed": own.get("shift_seed"),
+        "image_size": size, "snake_classes": list(own["snake_classes"]) if "snake_classes" in own else None,
         "normalization": {"mean": list(source.mean), "std": list(source.std)},
         "source_sizes": {split: len(source.labels[split]) for split in _SPLITS},
     }
@@ -214,7 +211,7 @@ def shift_offsets(split: str, n_source: int, shift: int = 7, shift_seed: int = 0
 def add_data_arguments(parser: argparse.ArgumentParser, default_dataset: str = "digits") -> None:
     """Add the data options (``--dataset``, ``--data-root``, ...) read by :func:`dataset_from_args`."""
     group = parser.add_argument_group("data")
-    group.add_argument("--dataset", choices=DATASETS, default=default_dataset,
+    group.add_argument("--dataset", choices=available_datasets(), default=default_dataset,
                        help=f"dataset to use (default: {default_dataset}; digits needs no files)")
     group.add_argument("--data-root", type=Path, default=None, metavar="DIR",
                        help="folder holding MNIST/raw/, cifar-10-batches-py/ or snakes/ (default: $LINCNN_DATA, "
@@ -362,17 +359,72 @@ def _channel_statistics(images: np.ndarray) -> tuple[tuple[float, ...], tuple[fl
     return tuple(means), tuple(stds)
 
 
-def _load_source(name: str, root: Path, *, seed: int, shift: int, shift_seed: int, classes: tuple[str, ...] | None,
-                 download: bool) -> _ArraySource | _ImageFolderSource:
-    if name == "digits":
-        return _digits_source(seed)
-    if name == "mnist":
-        return _mnist_source(_mnist_files(root, download))
-    if name == "mnist-shifted":
-        return _mnist_shifted_source(_mnist_files(root, download), shift, shift_seed)
-    if name == "cifar10":
-        return _cifar10_source(_cifar10_files(root, download))
-    return _snakes_source(root, classes)
+# ----------------------------------------------------------------------------------------------
+# The registry: one source function per dataset
+
+
+class _Registered(NamedTuple):
+    load: Callable  # (root, *, seed, download, **options) → _ArraySource | _ImageFolderSource
+    options: tuple[str, ...]  # dataset-specific options it reads (in ``_OPTION_CHECKS``)
+
+
+_REGISTRY: dict[str, _Registered] = {}
+
+
+def register_dataset(name: str, options: Sequence[str] = ()):
+    """Decorator adding a source ``fn(root, *, seed, download, **options)`` (full train and test
+    splits, pixel statistics) to the registry; ``options`` names the dataset-specific keyword
+    arguments of :func:`load_dataset` it reads, which are validated, passed and recorded in the spec."""
+    unknown = [key for key in options if key not in _OPTION_CHECKS]
+    if unknown:
+        raise ValueError(f"unknown dataset options {unknown}; known: {', '.join(_OPTION_CHECKS)}")
+
+    def decorate(fn):
+        _REGISTRY[name] = _Registered(fn, tuple(options))
+        return fn
+
+    return decorate
+
+
+def available_datasets() -> list[str]:
+    """Registered dataset names, in registration order (the default, digits, first)."""
+    return list(_REGISTRY)
+
+
+_OPTION_CHECKS: dict[str, Callable] = {
+    "shift": lambda value: _checked_int("shift", value, minimum=0, maximum=27),
+    "shift_seed": lambda value: _checked_int("shift_seed", value, minimum=0),
+    "snake_classes": lambda value: _checked_snake_classes(value),
+}
+
+
+@register_dataset("digits")
+def _digits(root: Path, *, seed: int, download: bool) -> _ArraySource:
+    return _digits_source(seed)
+
+
+@register_dataset("mnist")
+def _mnist(root: Path, *, seed: int, download: bool) -> _ArraySource:
+    return _mnist_source(_mnist_files(root, download))
+
+
+@register_dataset("mnist-shifted", options=("shift", "shift_seed"))
+def _mnist_shifted(root: Path, *, seed: int, download: bool, shift: int, shift_seed: int) -> _ArraySource:
+    return _mnist_shifted_source(_mnist_files(root, download), shift, shift_seed)
+
+
+@register_dataset("cifar10")
+def _cifar10(root: Path, *, seed: int, download: bool) -> _ArraySource:
+    return _cifar10_source(_cifar10_files(root, download))
+
+
+@register_dataset("snakes", options=("snake_classes",))
+def _snakes(root: Path, *, seed: int, download: bool, snake_classes: tuple[str, ...]) -> _ImageFolderSource:
+    return _snakes_source(root, snake_classes)
+
+
+#: Known dataset names, from the registry.
+DATASETS = tuple(_REGISTRY)
 
 
 # ----------------------------------------------------------------------------------------------

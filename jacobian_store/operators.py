@@ -30,6 +30,7 @@ from typing import Iterator
 import numpy as np
 
 from jacobian_store.device import array_module, is_cupy_array, module_for_device
+from jacobian_store.progress import progress_bar
 
 # Largest float64 working copy of a float32 block made at once (blocks are cut into row slices).
 SLICE_BYTES = 64 * 2**20
@@ -149,7 +150,7 @@ class RowBlockOperator:
         m, p = self.shape
         K = xp.zeros((m, m), dtype=dtype)
         panel_rows = max(1, (panel_bytes or PANEL_BYTES) // max(1, p * dtype.itemsize))
-        bar = _progress(progress, total=m, desc="Gram J Jᵀ", unit="row")
+        bar = progress_bar(total=m, desc="Gram J Jᵀ", unit="row", enabled=progress)
         first = 0
         while first < m:
             cap = min(m - first, panel_rows)
@@ -185,7 +186,7 @@ class RowBlockOperator:
         p = self.shape[1]
         upper = xp is np and dtype in (np.float32, np.float64)
         N = np.zeros((p, p), dtype=dtype, order="F") if upper else xp.zeros((p, p), dtype=dtype)
-        bar = _progress(progress, total=self.shape[0], desc="JᵀJ", unit="row")
+        bar = progress_bar(total=self.shape[0], desc="JᵀJ", unit="row", enabled=progress)
         for _, block in self.row_blocks():
             block = _to_module(block, xp)
             for _, rows in _slices(block, dtype):
@@ -294,18 +295,3 @@ def _blas_syrk(dtype):
 
     return blas.dsyrk if dtype == np.float64 else blas.ssyrk
 
-
-def _progress(enabled: bool, **kwargs):
-    if enabled:
-        from tqdm.auto import tqdm
-
-        return tqdm(**kwargs)
-    return _NoBar()
-
-
-class _NoBar:
-    def update(self, n=1):
-        pass
-
-    def close(self):
-        pass

@@ -34,7 +34,7 @@ import numpy as np
 
 from jacobian_store.device import module_for_device, scalar
 from .direct import finish
-from jacobian_store.operators import _progress
+from jacobian_store.progress import progress_bar
 
 
 class ConvergenceWarning(UserWarning):
@@ -67,7 +67,7 @@ def cgls(op, r, *, x0=None, maxiter=None, tol=1e-6, normal_tol=1e-10, device="cp
     if rho_norm <= tol * b_norm:
         stop, converged = "residual tolerance reached", True
         maxiter = 0  # nothing to do: u₀ already fits
-    bar = _progress(progress, total=maxiter, desc="CGLS", unit="it")
+    bar = progress_bar(total=maxiter, desc="CGLS", unit="it", enabled=progress)
     while k < maxiter:
         q = op.matvec(d)
         q_norm2 = scalar(q @ q)

@@ -50,7 +50,8 @@ import h5py
 import numpy as np
 
 from jacobian_store.device import array_module, module_for_device, to_numpy
-from jacobian_store.operators import RowBlockOperator, _check_n_outputs, _progress
+from jacobian_store.operators import RowBlockOperator, _check_n_outputs
+from jacobian_store.progress import progress_bar
 
 # Target size of one Dask block of J as stored: large enough that the per-task overhead (a few ms)
 # is small against reading and multiplying it, small enough that a worker holds a few blocks and
@@ -297,7 +298,7 @@ class DaskRowOperator(RowBlockOperator):
         X = self._blocks(dtype)
         bounds = self.row_bounds
         K = np.empty((m, m), dtype=dtype)
-        bar = _progress(progress, total=m, desc="Gram J Jᵀ (Dask)", unit="row")
+        bar = progress_bar(total=m, desc="Gram J Jᵀ (Dask)", unit="row", enabled=progress)
         for panel in self._panels(panel_bytes, dtype):
             # the strip of block row i from its diagonal block on: X_i [X_i, X_{i+1}, …]ᵀ; one graph
             # per panel (each block read once), strips placed in K as they arrive and then dropped

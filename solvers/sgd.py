@@ -37,7 +37,7 @@ import numpy as np
 from jacobian_store.device import module_for_device, scalar
 from .direct import finish
 from .minibatches import minibatches, step_learning_rate
-from jacobian_store.operators import _progress
+from jacobian_store.progress import progress_bar
 
 
 def sgd_run(op, r, *, lr, weight_decay=0.0, epochs=1, batch_size=32, lr_step=None, lr_gamma=0.1,
@@ -54,7 +54,7 @@ def sgd_run(op, r, *, lr, weight_decay=0.0, epochs=1, batch_size=32, lr_step=Non
     loss_curve, lrs = [], []
     stop, converged, done = "all epochs run", True, 0
     n_batches = -(-n // batch_size)
-    bar = _progress(progress, total=epochs * n_batches, desc="SGD", unit="batch")
+    bar = progress_bar(total=epochs * n_batches, desc="SGD", unit="batch", enabled=progress)
     for epoch in range(epochs):
         eta = step_learning_rate(lr, epoch, lr_step, lr_gamma)
         lrs.append(eta)

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from jacobian_store.progress import progress_bar
 from jacobian_store.provenance import dumps, jsonable
 from jacobian_store.sizes import parse_bytes
 from jacobian_store.store import check_solution_name
@@ -249,7 +250,8 @@ def _run(args, method, options, standard) -> int:
             _check_result(res, solution)
         evaluation = _Evaluator(store, args)
         records = []
-        for res, solution in zip(_progress(results, not args.quiet and len(results) > 1, "evaluate"), names):
+        for res, solution in zip(progress_bar(results, enabled=not args.quiet and len(results) > 1, desc="evaluate"),
+                                 names):
             fitted = res.fitted.reshape(f0.shape)
             record = {"name": solution, **res.to_dict(), **evaluation(res.u, f0 + fitted, targets)}
             if args.path:
@@ -526,14 +528,6 @@ def _write_path_outputs(prefix: Path, records, knob, method, standard) -> None:
     fig.tight_layout()
     fig.savefig(f"{prefix}.png", dpi=120)
     plt.close(fig)
-
-
-def _progress(items, enabled, desc):
-    if not enabled:
-        return items
-    from tqdm.auto import tqdm
-
-    return tqdm(items, desc=desc, file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -51,6 +51,7 @@ from jacobian_store.device import resolve_device
 from jacobian_store.provenance import jsonable
 from jacobian_store.functional import (initial_parameters, jvp_outputs, parameter_layout,
                                        unflatten, vjp_flat)
+from jacobian_store.progress import progress_bar
 from solvers.minibatches import minibatches, step_learning_rate
 
 MODEL_KINDS = ("standard", "linearized")
@@ -479,10 +480,8 @@ def _train(config: TrainConfig, dataset, model_kind: str, run_dir, resume: bool,
         start = time.perf_counter()
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         batches = minibatches(n_train, config.batch_size, config.batch_seed, epoch)
-        if progress:
-            from tqdm import tqdm
-            batches = tqdm(batches, total=n_batches, desc=f"{model_kind} epoch {epoch + 1}/{config.epochs}",
-                           leave=False, file=sys.stderr)
+        batches = progress_bar(batches, enabled=progress, total=n_batches, leave=False,
+                               desc=f"{model_kind} epoch {epoch + 1}/{config.epochs}")
         for indices in batches:
             index = torch.from_numpy(indices)
             x = x_train[index].to(device=device, dtype=dtype)

@@ -152,6 +152,34 @@ def test_unknown_dataset_lists_the_known_ones():
     assert isinstance(error.value, ValueError)
 
 
+def test_datasets_come_from_the_registry(monkeypatch):
+    from jacobian_store import datasets
+
+    assert DATASETS == tuple(datasets.available_datasets()) == ("digits", "mnist", "mnist-shifted", "cifar10",
+                                                                "snakes")
+    monkeypatch.setattr(datasets, "_REGISTRY", dict(datasets._REGISTRY))
+    seen = {}
+
+    @datasets.register_dataset("stripes", options=("shift",))
+    def _stripes(root, *, seed, download, shift):
+        seen.update(seed=seed, shift=shift)
+        rng = np.random.default_rng(seed)
+        images = {split: rng.integers(0, 256, size=(n, 1, 6, 6), dtype=np.uint8) for split, n in
+                  (("train", 40), ("test", 20))}
+        labels = {split: np.arange(len(images[split])) % 4 for split in images}
+        return datasets._ArraySource.from_arrays(images, labels, ["a", "b", "c", "d"])
+
+    dataset = load_dataset("stripes", n_train=8, seed=3, shift=2)
+    assert "stripes" in datasets.available_datasets() and seen == {"seed": 3, "shift": 2}
+    assert dataset.n_outputs == 4 and dataset.train.x.shape == (8, 1, 6, 6)
+    # the options the source reads are recorded, the others stay None
+    assert dataset.spec["shift"] == 2 and dataset.spec["shift_seed"] is None and dataset.spec["snake_classes"] is None
+    with pytest.raises(DatasetError, match="shift"):
+        load_dataset("stripes", shift=-1)
+    with pytest.raises(ValueError, match="unknown dataset options"):
+        datasets.register_dataset("bad", options=("colour",))
+
+
 def test_image_size_resizes():
     dataset = load_dataset("digits", n_train=10, n_test=10, image_size=64)
     assert dataset.train.x.shape == (10, 1, 64, 64) and dataset.image_size == 64 == dataset.spec["image_size"]

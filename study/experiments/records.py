@@ -15,6 +15,7 @@ matters changed, and refuses (naming the setting) when something did.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import socket
@@ -26,6 +27,18 @@ from jacobian_store import provenance
 from jacobian_store.provenance import library_versions
 
 RECORD_FORMAT = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Unit:
+    variant: str
+    name: str  # standard, linearized, lstsq, ridge, cg, rsvd, sgd, spectrum, <method>-path
+    width: float
+    seed: int
+
+    @property
+    def key(self) -> str:
+        return unit_key(self.variant, self.name, self.width, self.seed)
 
 
 def unit_key(variant: str, name: str, width: float, seed: int) -> str:

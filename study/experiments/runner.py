@@ -18,15 +18,15 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .config import MODEL_KINDS, Experiment
-from .records import (Clock, load_records, make_record, read_record, settings_digest, unit_key,
-                      write_json_atomic)
+from jacobian_store.progress import progress_bar, progress_write
+
+from .records import Clock, Unit, load_records, make_record, read_record, settings_digest, write_json_atomic
 
 # Settings that do not change a unit's result (where it ran, how it was evaluated in batches).
 _NOT_IN_DIGEST = ("device", "eval_batch_size")
@@ -34,18 +34,6 @@ _NOT_IN_DIGEST = ("device", "eval_batch_size")
 
 class ExperimentError(RuntimeError):
     """A run directory that cannot be continued as asked."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Unit:
-    variant: str
-    name: str  # standard, linearized, lstsq, ridge, cg, rsvd, sgd, spectrum, <method>-path
-    width: float
-    seed: int
-
-    @property
-    def key(self) -> str:
-        return unit_key(self.variant, self.name, self.width, self.seed)
 
 
 def plan_units(exp: Experiment) -> list[Unit]:
@@ -154,7 +142,7 @@ class Runner:
         for unit in units:  # refuse before anything is written, so a refused run leaves the directory as it was
             self._check_record(unit)
         write_json_atomic(self.run_dir / "experiment.json", self.exp.to_dict())
-        bar = _tqdm(units, desc=f"{self.exp.name} [{self.exp.preset}]", unit="unit", disable=not self.progress)
+        bar = progress_bar(units, desc=f"{self.exp.name} [{self.exp.preset}]", unit="unit", enabled=self.progress)
         for unit in bar:
             bar.set_postfix_str(unit.key)
             self.run_unit(unit)
@@ -187,7 +175,7 @@ class Runner:
         if self.progress:
             shown = ", ".join(f"{k} {metrics[k]:.4f}" for k in ("train_acc", "test_acc", "effective_rank")
                               if isinstance(metrics.get(k), float))
-            _tqdm_write(f"{unit.key}: {shown} ({clock.seconds:.1f} s)")
+            progress_write(f"{unit.key}: {shown} ({clock.seconds:.1f} s)")
         return record
 
     # -- unit implementations ------------------------------------------------------------------
@@ -427,18 +415,6 @@ def _first_difference(old: dict, new: dict) -> str:
         if a.get(key, "<unset>") != b.get(key, "<unset>"):
             return f"{key} was {a.get(key, '<unset>')!r}, now {b.get(key, '<unset>')!r}"
     return "record format changed"
-
-
-def _tqdm(iterable, **kwargs):
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, file=sys.stderr, dynamic_ncols=True, **kwargs)
-
-
-def _tqdm_write(line: str) -> None:
-    from tqdm.auto import tqdm
-
-    tqdm.write(line, file=sys.stderr)
 
 
 def remove_stores(run_dir: Path) -> None:

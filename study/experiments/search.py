@@ -60,7 +60,9 @@ def run_search(runner) -> dict[tuple, dict]:
     """Run (or resume) every trial; return the selection (variant, model, width) → {lr, weight_decay}."""
     from study.train import train
 
-    from .runner import Unit, _tqdm, _tqdm_write
+    from jacobian_store.progress import progress_bar, progress_write
+
+    from .records import Unit
 
     exp = runner.exp
     s = exp.search
@@ -68,7 +70,7 @@ def run_search(runner) -> dict[tuple, dict]:
     epochs = s.get("epochs", exp.train["epochs"])
     trials = search_trials(runner)
     datasets = {}
-    for trial in _tqdm(trials, desc=f"{exp.name} search", unit="trial", disable=not runner.progress):
+    for trial in progress_bar(trials, desc=f"{exp.name} search", unit="trial", enabled=runner.progress):
         variant, model, width, lr, wd = trial
         key = trial_key(*trial)
         unit = Unit(variant, model, width, seed)
@@ -91,7 +93,7 @@ def run_search(runner) -> dict[tuple, dict]:
         write_json_atomic(path, make_record(key, {"variant": variant, "name": model, "width": width, "seed": seed},
                                             settings, metrics, clock.seconds))
         if runner.progress:
-            _tqdm_write(f"search {key}: validation acc {metrics['val_acc']:.4f} ({clock.seconds:.1f} s)")
+            progress_write(f"search {key}: validation acc {metrics['val_acc']:.4f} ({clock.seconds:.1f} s)")
     selection = select(load_records(runner.run_dir, "search"))
     write_json_atomic(runner.run_dir / "search_selection.json",
                       {"selected": [{"variant": v, "model": m, "width": w, **h} for (v, m, w), h in selection.items()]})
