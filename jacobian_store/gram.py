@@ -32,7 +32,9 @@ work of computing one block; default: half the free GPU memory, or min(4 GiB, ha
 RAM) on the CPU). When the features of all samples fit, every block is computed once. Otherwise
 a panel of row blocks is kept in memory while the other blocks stream past it, recomputed once per
 panel: about B + B²/(2·panel) feature computations for B blocks. K itself (n·L × n·L float64) lives
-in host memory outside the budget.
+in host memory outside the budget, and so do the float64 copies of one column slice of two factors
+(64 MiB). Cost of the float64 products, measured against float32 ones (300 digits samples, 10
+outputs, 2 CPU threads): ×1.25 at LeNet×1 (12.4 s against 9.9 s) and ×1.3 at ×5.
 """
 from __future__ import annotations
 
