@@ -259,7 +259,7 @@ def killed_at(point: str, module: str, argv: list[str]) -> None:
 @pytest.mark.parametrize("point", [
     "jacobian_store.build:_create_jacobian_dataset:1",  # during creation, J not yet allocated
     "jacobian_store.build:os.replace:1",                 # creation written, not yet renamed into place
-    "jacobian_store.gram:structured_jacobian_rows:3",    # mid-build
+    "jacobian_store.layer_jacobians:structured_jacobian_rows:3",  # mid-build
 ])
 def test_killed_build_resumes_to_the_uninterrupted_result(built, tmp_path, point):
     out = tmp_path / "s.h5"
