@@ -18,13 +18,18 @@ for arg in "$@"; do
 done
 
 if [ "$on_cpu" = 0 ]; then
+    # nothing is installed for a GPU that torch cannot use (none here, or a driver older than the
+    # CUDA torch was built for): say so and stop
+    if ! python -c 'import sys, torch; sys.exit(not torch.cuda.is_available())' 2>/dev/null; then
+        echo "gpu_check: torch $(python -c 'import torch; print(torch.__version__)') sees no usable CUDA GPU" \
+             "(nvidia-smi: $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -1 || echo not found));" \
+             "run on a GPU machine, or pass --device cpu" >&2
+        exit 2
+    fi
     cuda="$(python -c 'import torch; print(torch.version.cuda or "")')"
     case "${cuda%%.*}" in
         12) extra=gpu-cuda12 package=cupy-cuda12x ;;
         13) extra=gpu package=cupy-cuda13x ;;
-        "") echo "gpu_check: the torch in $LINCNN_VENV is a CPU build (torch.version.cuda is None); install a" \
-                 "CUDA build of torch there, or run with --device cpu" >&2
-            exit 2 ;;
         *) echo "gpu_check: torch is built for CUDA $cuda, and lincnn has CuPy extras for CUDA 12 and 13 only" >&2
            exit 2 ;;
     esac

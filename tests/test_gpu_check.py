@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,8 +16,10 @@ REPO = Path(__file__).resolve().parents[1]
 def gpu_check():
     spec = importlib.util.spec_from_file_location("gpu_check", REPO / "benchmarks" / "gpu_check.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules["gpu_check"] = module  # dataclasses resolve their annotations through it
     spec.loader.exec_module(module)
-    return module
+    yield module
+    del sys.modules["gpu_check"]
 
 
 TINY = ["--device", "cpu", "--width", "0.25", "--n-train", "16", "--n-test", "8", "--gram-samples", "8",
