@@ -8,7 +8,8 @@ from .api import METHOD_OPTIONS, METHODS, PATH_KNOBS, solve, solve_path
 from .cg import ConvergenceWarning
 from .memory import MemoryLimitError
 from jacobian_store.operators import ArrayRowOperator, RowBlockOperator, as_row_operator
-from .result import SolveResult
+from .result import STOP_REASONS, SolveResult, SolverDivergedError
 
 __all__ = ["solve", "solve_path", "SolveResult", "RowBlockOperator", "ArrayRowOperator", "as_row_operator",
-           "METHODS", "METHOD_OPTIONS", "PATH_KNOBS", "MemoryLimitError", "ConvergenceWarning"]
+           "METHODS", "METHOD_OPTIONS", "PATH_KNOBS", "MemoryLimitError", "ConvergenceWarning", "SolverDivergedError",
+           "STOP_REASONS"]

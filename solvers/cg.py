@@ -10,12 +10,15 @@ rounding) at no extra cost. From u₀ = 0 (or a warm start u₀):
     u_{k+1} = u_k + a_k d_k,  ρ_{k+1} = ρ_k − a_k q_k          # these satisfy ρ = r − J u
     s_{k+1} = Jᵀ ρ_{k+1},  γ_{k+1} = ‖s_{k+1}‖²,  d_{k+1} = s_{k+1} + (γ_{k+1}/γ_k) d_k
 
-Stopping rule, checked after every iteration k = 1, 2, …, ``maxiter``:
+Stopping rule, checked after every iteration k = 1, 2, …, ``maxiter`` (stop codes of
+``solvers.result``):
 
-    ‖ρ_k‖ ≤ tol · ‖r‖                            → "residual tolerance reached"      (consistent systems)
-    ‖Jᵀ ρ_k‖ ≤ normal_tol · ‖J‖ · ‖ρ_k‖           → "least-squares optimality reached" (LSQR's test 2:
+    ‖ρ_k‖ ≤ tol · ‖r‖                            → 1 residual tolerance        (consistent systems)
+    ‖Jᵀ ρ_k‖ ≤ normal_tol · ‖J‖ · ‖ρ_k‖           → 2 least-squares optimality  (LSQR's test 2:
                                                      ρ is orthogonal to range(J) up to normal_tol)
-    k = maxiter                                   → not converged (a warning names the knobs)
+    k = maxiter                                   → 3 iteration limit: not converged (a warning
+                                                     names the knobs)
+    a non-finite ρ, Jᵀρ or u                      → SolverDivergedError (no result)
 
 ‖J‖ is the running lower bound max_k ‖q_k‖ / ‖d_k‖ ≤ σ_max(J), so the second test is, if anything,
 stricter than with the true norm. From u₀ = 0 every iterate lies in range(Jᵀ), so CGLS converges
@@ -23,8 +26,10 @@ to the minimum-norm least-squares solution; stopping it early is the regularizer
 follow the Krylov filter of the spectrum, large singular values first). The iterate count is the
 knob; ``cg_path`` records u at requested iteration counts from one run.
 
-The array module follows the data: with a CuPy right-hand side (``device="cuda"``) every vector
-lives on the GPU and the operator streams its row blocks there.
+CGLS needs only ``shape``, ``matvec`` and ``rmatvec`` (``matmat`` for a path's J u), so J may be
+stored rows, an array, a ``scipy.sparse.linalg.LinearOperator`` or the network itself
+(``jacobian_store.matrix_free.NetworkJacobian``: jvp and vjp). The array module follows the data:
+with a CuPy right-hand side (``device="cuda"``) every vector lives on the GPU.
 """
 from __future__ import annotations
 
@@ -33,8 +38,9 @@ import warnings
 import numpy as np
 
 from jacobian_store.device import module_for_device, scalar
-from .direct import finish
 from jacobian_store.progress import progress_bar
+from .result import (ITERATION_LIMIT, KNOB_REACHED, LSQ_OPTIMALITY, RESIDUAL_TOLERANCE, STOP_REASONS,
+                     SolverDivergedError, finish)
 
 
 class ConvergenceWarning(UserWarning):
@@ -63,16 +69,17 @@ def cgls(op, r, *, x0=None, maxiter=None, tol=1e-6, normal_tol=1e-10, device="cp
     rho_norm = scalar(xp.linalg.norm(rho))
     history = [rho_norm]
     snapshots = {0: u.copy()} if 0 in record_at else {}
-    stop, converged, k = f"iteration limit reached (maxiter={maxiter})", False, 0
+    code, k = ITERATION_LIMIT, 0
     if rho_norm <= tol * b_norm:
-        stop, converged = "residual tolerance reached", True
+        code = RESIDUAL_TOLERANCE
         maxiter = 0  # nothing to do: u₀ already fits
+    _check_finite_iterate(rho_norm, gamma, 0, maxiter, tol)
     bar = progress_bar(total=maxiter, desc="CGLS", unit="it", enabled=progress)
     while k < maxiter:
         q = op.matvec(d)
         q_norm2 = scalar(q @ q)
         if q_norm2 == 0.0:  # d ∈ null(J) only when s = Jᵀρ = 0: u is already optimal
-            stop, converged = "breakdown: J d = 0 (normal equations solved)", True
+            code = LSQ_OPTIMALITY
             break
         j_norm = max(j_norm, np.sqrt(q_norm2) / scalar(xp.linalg.norm(d)))
         a = gamma / q_norm2
@@ -82,18 +89,16 @@ def cgls(op, r, *, x0=None, maxiter=None, tol=1e-6, normal_tol=1e-10, device="cp
         gamma_new = scalar(s @ s)
         k += 1
         rho_norm = scalar(xp.linalg.norm(rho))
+        _check_finite_iterate(rho_norm, gamma_new, k, maxiter, tol)
         history.append(rho_norm)
         bar.update(1)
         if k in record_at:
             snapshots[k] = u.copy()
         if rho_norm <= tol * b_norm:
-            stop, converged = "residual tolerance reached", True
+            code = RESIDUAL_TOLERANCE
             break
         if np.sqrt(gamma_new) <= normal_tol * j_norm * rho_norm:
-            stop, converged = "least-squares optimality reached", True
-            break
-        if not np.isfinite(gamma_new):
-            stop = "diverged (non-finite values; check J and r for NaN/Inf)"
+            code = LSQ_OPTIMALITY
             break
         d = s + (gamma_new / gamma) * d
         gamma = gamma_new
@@ -101,10 +106,22 @@ def cgls(op, r, *, x0=None, maxiter=None, tol=1e-6, normal_tol=1e-10, device="cp
     for kk in record_at:  # stopped early: later requested counts equal the final iterate
         if kk not in snapshots and kk >= k:
             snapshots[kk] = u.copy()
-    info = {"converged": converged, "stop_reason": stop, "n_iter": k, "residual_history": history,
+    stop = STOP_REASONS[code] + (f" (maxiter={maxiter})" if code == ITERATION_LIMIT else "")
+    info = {"converged": code != ITERATION_LIMIT, "stop_code": code, "stop_reason": stop, "n_iter": k,
+            "residual_history": history,
             "normal_residual_norm": float(np.sqrt(gamma_new if k else gamma)), "j_norm_estimate": j_norm,
             "tol": tol, "normal_tol": normal_tol, "maxiter": maxiter}
     return u, rho, info, snapshots
+
+
+def _check_finite_iterate(rho_norm, gamma, k, maxiter, tol):
+    """Raise when CGLS met a non-finite value: from finite J and r it cannot (ρ only shrinks), so
+    J's products themselves returned NaN/Inf."""
+    if not (np.isfinite(rho_norm) and np.isfinite(gamma)):
+        raise SolverDivergedError(
+            f"cg diverged at iteration {k}: ‖r − J u‖ = {rho_norm}, ‖Jᵀ(r − J u)‖² = {gamma} (non-finite). CGLS "
+            f"cannot diverge on finite J and r, so J's products returned NaN/Inf: run with check_finite=True "
+            f"(--check-finite) to find the row, or rebuild J; maxiter={maxiter}, tol={tol} are not the cause")
 
 
 def _solve_cg(op, r, *, maxiter=None, tol=1e-6, normal_tol=1e-10, x0=None, device="cpu", progress=False):
@@ -119,7 +136,7 @@ def _solve_cg(op, r, *, maxiter=None, tol=1e-6, normal_tol=1e-10, x0=None, devic
     fitted = xp.asarray(r, dtype=np.float64) - rho  # ρ = r − J u, carried by the recurrence
     extras = {k: info[k] for k in ("residual_history", "normal_residual_norm", "j_norm_estimate", "tol", "normal_tol")}
     extras["warm_start"] = x0 is not None
-    return finish(op, r, u, fitted, method="cg", form="cgls", converged=info["converged"],
+    return finish(op, r, u, fitted, method="cg", form="cgls", stop_code=info["stop_code"],
                   stop_reason=info["stop_reason"], n_iter=info["n_iter"], extras=extras)
 
 
@@ -134,9 +151,13 @@ def cg_path(op, r, iterations, *, tol=0.0, normal_tol=0.0, x0=None, device="cpu"
     F = op.matmat(xp.stack(U, axis=1))  # J u for every recorded iterate in one pass
     out = []
     for j, k in enumerate(iterations):
+        # a count the run reached is the knob's value (code 4); a later one equals the final iterate,
+        # which stopped by its own rule (1 or 2: the tolerances held there)
         reached = min(k, info["n_iter"])
-        why = ("requested iteration count reached" if reached == k
-               else f"run ended at iteration {info['n_iter']}: {info['stop_reason']}")
-        out.append(finish(op, r, U[j], F[:, j], method="cg", form="cgls", converged=True, stop_reason=why,
+        if reached == k:
+            code, why = KNOB_REACHED, f"requested iteration count reached ({k})"
+        else:
+            code, why = info["stop_code"], f"run ended at iteration {info['n_iter']}: {info['stop_reason']}"
+        out.append(finish(op, r, U[j], F[:, j], method="cg", form="cgls", stop_code=code, stop_reason=why,
                           n_iter=reached, extras={"iterations": k}))
     return out

@@ -41,7 +41,7 @@ import scipy.linalg
 
 from jacobian_store.device import module_for_device, scalar, to_numpy
 from .rank import rank_cutoff
-from .result import SolveResult
+from .result import SolveResult, finish
 
 FORMS = ("auto", "dual", "primal")
 DRIVERS = ("gelsd", "gelsy", "gelss")
@@ -201,14 +201,3 @@ def ridge_path(op, r, lambdas, *, form="auto", panel_bytes=None, device="cpu", p
                    stop_reason="direct solve (shared eigendecomposition)", n_iter=0,
                    extras={"lambda": lam, "factorization": "eigh", "singular_values": sv})
             for j, lam in enumerate(lambdas)]
-
-
-def finish(op, r, u, fitted, *, method, form, converged, stop_reason, n_iter, extras) -> SolveResult:
-    """Assemble a SolveResult; J u is computed (one pass) when the method did not provide it."""
-    xp = np if isinstance(u, np.ndarray) else module_for_device("cuda")
-    if fitted is None:
-        fitted = op.matvec(u)
-    r = xp.asarray(r)
-    return SolveResult(u=u, method=method, converged=bool(converged), stop_reason=stop_reason, n_iter=int(n_iter),
-                       residual_norm=scalar(xp.linalg.norm(fitted - r)), u_norm=scalar(xp.linalg.norm(u)),
-                       rhs_norm=scalar(xp.linalg.norm(r)), form=form, extras=extras, fitted=fitted)

@@ -15,18 +15,25 @@ with the one rank cut-off (``solvers/rank.py``, route "svd"): τ = rcond·σ_1 w
 given, else τ = max(max(n·L, p)·ε₆₄·σ_1, ε_J·‖σ‖₂) (the float64 SVD of Jᵀ Q, and the storage
 rounding of J, ‖σ‖₂ ≤ ‖J‖_F standing in for the Frobenius norm), so
 asking for more directions than J has gives the pseudo-inverse rather than a division by noise.
-Cost: 2 + 2·power_iter passes over J, plus one more for J u. Memory: Ω, J Ω and Bᵀ, i.e.
+Cost: 2 + 2·power_iter passes over J, plus one more for J u (``extras["passes"]``; each pass
+is a product with ℓ columns, which a matrix-free J computes column by column). Memory: Ω, J Ω and Bᵀ, i.e.
 about (2p + 2n·L)·ℓ float64 numbers, besides one row block. At k = min(n·L, p) the range finder
 spans all of range(J) and u is the minimum-norm least-squares solution. ``rsvd_path`` serves every
 rank from one decomposition at the largest.
+
+The randomized SVD needs only ``shape``, ``dtype``, ``matmat`` and ``rmatmat`` of J, so a
+``scipy.sparse.linalg.LinearOperator`` or the network's jvp/vjp serve as well as stored rows.
+Stop code 0 (a direct solve, ``solvers.result``): there is no iteration to converge, so
+``n_iter`` is 0 and "converged" says the solve was done; the sketch's accuracy is set by
+``oversample`` and ``power_iter``.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from jacobian_store.device import module_for_device, scalar, to_numpy
-from .direct import finish
 from .rank import rank_cutoff
+from .result import DIRECT, SolverDivergedError, finish
 
 
 def _orth(Y, xp):
@@ -48,6 +55,9 @@ def randomized_svd(op, rank: int, *, oversample: int = 10, power_iter: int = 2, 
     for _ in range(power_iter):
         Q = _orth(op.matmat(_orth(op.rmatmat(Q), xp)), xp)
     Bt = op.rmatmat(Q)
+    if not bool(xp.isfinite(Bt).all()):  # LAPACK's SVD would only say it "did not converge"
+        raise SolverDivergedError("rsvd: J's products returned non-finite values (NaN/Inf) in the range finder; "
+                                  "run with check_finite=True (--check-finite) to find the row, or rebuild J")
     W, sigma, Zt = xp.linalg.svd(Bt, full_matrices=False)
     del Bt
     U = Q @ Zt.T
@@ -74,9 +84,14 @@ def _solve_rsvd(op, r, *, rank, oversample=10, power_iter=2, seed=0, rcond=None,
     u = V @ coef
     extras = {"rank": rank, "effective_rank": kept, "singular_values": to_numpy(sigma),
               "rcond": "auto" if rcond is None else rcond, "cutoff": cutoff,
-              "oversample": oversample, "power_iter": power_iter, "seed": seed}
-    return finish(op, r, u, None, method="rsvd", form="randomized", converged=True, stop_reason="direct solve",
-                  n_iter=power_iter, extras=extras)
+              "oversample": oversample, "power_iter": power_iter, "seed": seed, "passes": _passes(power_iter)}
+    return finish(op, r, u, None, method="rsvd", form="randomized", stop_code=DIRECT,
+                  stop_reason="direct solve on the randomized SVD", n_iter=0, extras=extras)
+
+
+def _passes(power_iter: int) -> int:
+    """Products with J or Jᵀ: J Ω, 2 per power iteration, Jᵀ Q, and J u."""
+    return 2 + 2 * power_iter + 1
 
 
 def rsvd_path(op, r, ranks, *, oversample=10, power_iter=2, seed=0, rcond=None, device="cpu", progress=False):
@@ -90,8 +105,8 @@ def rsvd_path(op, r, ranks, *, oversample=10, power_iter=2, seed=0, rcond=None, 
     sols = xp.stack([V[:, :k] @ coef[:k] for k in ranks], axis=1)
     F = op.matmat(sols)  # J u for every rank in one pass
     sv = to_numpy(sigma)
-    return [finish(op, r, sols[:, j], F[:, j], method="rsvd", form="randomized", converged=True,
-                   stop_reason="direct solve (shared randomized SVD)", n_iter=power_iter,
+    return [finish(op, r, sols[:, j], F[:, j], method="rsvd", form="randomized", stop_code=DIRECT,
+                   stop_reason="direct solve (shared randomized SVD)", n_iter=0,
                    extras={"rank": k, "effective_rank": int((sv[:k] > cutoff).sum()), "cutoff": cutoff,
-                           "singular_values": sv[:k]})
+                           "singular_values": sv[:k], "passes": _passes(power_iter)})
             for j, k in enumerate(ranks)]

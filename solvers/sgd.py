@@ -27,17 +27,28 @@ minimum-norm least-squares solution. Epochs are the implicit regularizer; ``sgd_
 u at requested epochs of one run.
 
 ``loss_curve[e]`` is the mean over epoch e's batches of the data term of ℓ_B before each step
-(without the weight-decay term), as a training loop logs it; it is monitoring, not a stopping rule: SGD runs all
-its epochs and stops early only if u becomes non-finite (step too large).
+(without the weight-decay term), as a training loop logs it; it is monitoring, not a stopping rule.
+
+Stopping rule and what "converged" means (stop codes of ``solvers.result``): SGD runs all its
+epochs (code 5; code 4 for a path's epoch counts). It converged when, besides, the full-data
+residual did not grow:
+
+    ‖J u_E − r‖ ≤ ‖J u₀ − r‖          (u₀ = 0 unless warm-started: ‖J u₀ − r‖ = ‖r‖)
+
+Otherwise the step was too large and the run diverged: a non-finite loss or u stops the run at
+once, and a final residual above the initial one is caught after the last epoch; both raise
+``SolverDivergedError`` naming the learning rate, never a result that could be saved. (An SGD
+run whose loss only fell over the epochs but is still large is not diverged: it converged in this
+sense and its ‖J u − r‖ says how far it got.)
 """
 from __future__ import annotations
 
 import numpy as np
 
 from jacobian_store.device import module_for_device, scalar
-from .direct import finish
-from .minibatches import minibatches, step_learning_rate
 from jacobian_store.progress import progress_bar
+from .minibatches import minibatches, step_learning_rate
+from .result import ALL_EPOCHS, KNOB_REACHED, SolverDivergedError, finish
 
 
 def sgd_run(op, r, *, lr, weight_decay=0.0, epochs=1, batch_size=32, lr_step=None, lr_gamma=0.1,
@@ -52,7 +63,7 @@ def sgd_run(op, r, *, lr, weight_decay=0.0, epochs=1, batch_size=32, lr_step=Non
     snapshot_epochs = set(int(e) for e in snapshot_epochs)
     snapshots = {0: u.copy()} if 0 in snapshot_epochs else {}
     loss_curve, lrs = [], []
-    stop, converged, done = "all epochs run", True, 0
+    done = 0
     n_batches = -(-n // batch_size)
     bar = progress_bar(total=epochs * n_batches, desc="SGD", unit="batch", enabled=progress)
     for epoch in range(epochs):
@@ -76,13 +87,30 @@ def sgd_run(op, r, *, lr, weight_decay=0.0, epochs=1, batch_size=32, lr_step=Non
         if done in snapshot_epochs:
             snapshots[done] = u.copy()
         if not (np.isfinite(loss_curve[-1]) and bool(xp.isfinite(u).all())):
-            stop, converged = (f"diverged in epoch {epoch} (loss {loss_curve[-1]:.3g}); "
-                               f"lower lr (currently {lr})"), False
-            break
+            bar.close()
+            raise SolverDivergedError(
+                f"sgd diverged in epoch {epoch} (mean batch loss {loss_curve[-1]:.3g}, non-finite u or loss): "
+                f"the step is too large; lower lr (currently {lr}, epoch {epoch} used {eta:g}) or momentum "
+                f"(currently {momentum})")
     bar.close()
-    info = {"loss_curve": loss_curve, "learning_rates": lrs, "epochs_run": done, "stop_reason": stop,
-            "converged": converged, "n_steps": done * n_batches}
+    info = {"loss_curve": loss_curve, "learning_rates": lrs, "epochs_run": done, "n_steps": done * n_batches}
     return u, info, snapshots
+
+
+def _initial_residual_norm(op, r, x0, xp) -> float:
+    """‖J u₀ − r‖: ‖r‖ from u₀ = 0, else one product with J."""
+    r = xp.asarray(r, dtype=np.float64)
+    if x0 is None:
+        return scalar(xp.linalg.norm(r))
+    return scalar(xp.linalg.norm(op.matvec(xp.asarray(x0, dtype=np.float64)) - r))
+
+
+def _raise_if_loss_rose(final: float, initial: float, epochs: int, lr, momentum) -> None:
+    if final > initial:
+        raise SolverDivergedError(
+            f"sgd diverged: after {epochs} epochs ‖J u − r‖ = {final:.4g} is above its initial {initial:.4g} "
+            f"(the loss rose by {(final / initial) ** 2 if initial else float('inf'):.3g}×); the step is too "
+            f"large: lower lr (currently {lr}) or momentum (currently {momentum})")
 
 
 def _solve_sgd(op, r, *, lr, weight_decay=0.0, epochs=1, batch_size=32, lr_step=None, lr_gamma=0.1,
@@ -92,28 +120,35 @@ def _solve_sgd(op, r, *, lr, weight_decay=0.0, epochs=1, batch_size=32, lr_step=
                          device=device, progress=progress)
     extras = {k: info[k] for k in ("loss_curve", "learning_rates", "epochs_run", "n_steps")}
     extras["equivalent_ridge_lambda"] = weight_decay * op.n_samples  # stationary point: ridge, λ = n·wd
-    return finish(op, r, u, None, method="sgd", form="minibatch", converged=info["converged"],
-                  stop_reason=info["stop_reason"], n_iter=info["n_steps"], extras=extras)
+    initial = _initial_residual_norm(op, r, x0, module_for_device(device))
+    extras["initial_residual_norm"] = initial
+    result = finish(op, r, u, None, method="sgd", form="minibatch", stop_code=ALL_EPOCHS,
+                    stop_reason=f"all epochs run ({epochs})", n_iter=info["n_steps"], extras=extras)
+    _raise_if_loss_rose(result.residual_norm, initial, epochs, lr, momentum)
+    return result
 
 
 def sgd_path(op, r, epochs_list, *, device="cpu", progress=False, **options):
     """u after each number of epochs in ``epochs_list``, from one run of max(epochs_list) epochs."""
     epochs_list = [int(e) for e in epochs_list]
     options.pop("epochs", None)
-    u, info, snaps = sgd_run(op, r, epochs=max(epochs_list), snapshot_epochs=epochs_list, device=device,
+    _, info, snaps = sgd_run(op, r, epochs=max(epochs_list), snapshot_epochs=epochs_list, device=device,
                              progress=progress, **options)
     xp = module_for_device(device)
     n_batches = -(-op.n_samples // options.get("batch_size", 32))
+    initial = _initial_residual_norm(op, r, options.get("x0"), xp)
+    F = op.matmat(xp.stack([snaps[e] for e in epochs_list], axis=1))
+    residuals = [scalar(xp.linalg.norm(F[:, j] - xp.asarray(r))) for j in range(len(epochs_list))]
+    # the run as a whole diverged when its last iterate sits above the start; an earlier epoch
+    # count above it (momentum overshoot) is reported as not converged
+    _raise_if_loss_rose(residuals[epochs_list.index(max(epochs_list))], initial, max(epochs_list),
+                        options.get("lr"), options.get("momentum", 0.9))
     out = []
-    for e in epochs_list:
-        if e in snaps:
-            ue, why, ok = snaps[e], "requested epoch count reached", True
-        else:  # the run diverged before epoch e
-            ue, why, ok = u, info["stop_reason"], False
-        out.append((e, ue, why, ok))
-    F = op.matmat(xp.stack([o[1] for o in out], axis=1))
-    return [finish(op, r, ue, F[:, j], method="sgd", form="minibatch", converged=ok, stop_reason=why,
-                   n_iter=min(e, info["epochs_run"]) * n_batches,
-                   extras={"epochs": e, "loss_curve": info["loss_curve"][:e],
-                           "equivalent_ridge_lambda": options.get("weight_decay", 0.0) * op.n_samples})
-            for j, (e, ue, why, ok) in enumerate(out)]
+    for j, e in enumerate(epochs_list):
+        ok = residuals[j] <= initial
+        why = f"requested epoch count reached ({e})" + ("" if ok else "; loss above the initial loss")
+        out.append(finish(op, r, snaps[e], F[:, j], method="sgd", form="minibatch", stop_code=KNOB_REACHED,
+                          stop_reason=why, converged=ok, n_iter=e * n_batches,
+                          extras={"epochs": e, "loss_curve": info["loss_curve"][:e], "initial_residual_norm": initial,
+                                  "equivalent_ridge_lambda": options.get("weight_decay", 0.0) * op.n_samples}))
+    return out

@@ -309,7 +309,7 @@ def test_sgd_matches_torch_sgd_batch_for_batch():
 # ---- out of core = in memory -------------------------------------------------------------------
 
 OOC = [("lstsq", {}), ("lstsq", {"form": "primal"}), ("ridge", {"lam": 0.7}), ("ridge", {"lam": 0.7, "form": "primal"}),
-       ("cg", {"maxiter": 15, "tol": 0.0}), ("rsvd", {"rank": 9}), ("sgd", {"lr": 1e-3, "epochs": 3, "batch_size": 4})]
+       ("cg", {"maxiter": 15, "tol": 0.0}), ("rsvd", {"rank": 9}), ("sgd", {"lr": 1e-4, "epochs": 3, "batch_size": 4})]
 
 
 @pytest.mark.filterwarnings("ignore::solvers.cg.ConvergenceWarning")  # cg stopped at maxiter on purpose
@@ -433,6 +433,68 @@ def test_cg_warns_naming_the_knobs_when_stopped_by_maxiter():
     with pytest.warns(ConvergenceWarning, match=r"Try increasing maxiter or tol\. Currently: maxiter=3"):
         res = solve(J, r, "cg", maxiter=3)
     assert not res.converged and res.n_iter == 3 and "maxiter=3" in res.stop_reason
+
+
+# ---- results that tell the truth: stop codes, converged, divergence is an error ---------------------
+
+def test_stop_codes_say_which_rule_held():
+    from solvers.result import STOP_REASONS
+
+    J, r = known_problem("wide", True)
+    for method, options in (("lstsq", {}), ("ridge", {"lam": 0.1})):
+        res = solve(J, r, method, **options)
+        assert (res.stop_code, res.converged, res.n_iter) == (0, True, 0)
+    res = solve(J, r, "rsvd", rank=7, power_iter=3)
+    # a direct solve on the sketch: no iterations; the products with J are counted separately
+    assert (res.stop_code, res.converged, res.n_iter) == (0, True, 0) and res.extras["passes"] == 2 + 2 * 3 + 1
+    consistent = J @ min_norm(J, r)  # r ∈ range(J): the residual tolerance can hold
+    res = solve(J, consistent, "cg", tol=1e-8, maxiter=500)
+    assert (res.stop_code, res.converged) == (1, True) and res.relative_residual <= 1e-8
+    res = solve(J, r, "cg", tol=0.0, normal_tol=1e-9, maxiter=500)  # rank-deficient: only test 2 can hold
+    assert (res.stop_code, res.converged) == (2, True)
+    with pytest.warns(ConvergenceWarning):
+        res = solve(J, r, "cg", maxiter=2)
+    assert (res.stop_code, res.converged) == (3, False)
+    res = solve(J, r, "sgd", lr=1e-4, epochs=2)
+    assert (res.stop_code, res.converged) == (5, True) and res.residual_norm <= np.linalg.norm(r)
+    assert set(STOP_REASONS) == {-1, 0, 1, 2, 3, 4, 5}
+    assert json.loads(json.dumps(res.to_dict()))["stop_code"] == 5
+
+
+def test_cg_path_reports_the_knob_and_where_the_run_stopped():
+    J, r = known_problem("long", False)
+    consistent = J @ min_norm(J, r)
+    path = solve_path(J, consistent, "cg", [1, 3, 1000], tol=1e-10)
+    assert [res.stop_code for res in path[:2]] == [4, 4] and [res.n_iter for res in path[:2]] == [1, 3]
+    last = path[2]  # the run stopped by its tolerance long before 1000 iterations
+    assert last.stop_code == 1 and last.n_iter < 1000 and "run ended at iteration" in last.stop_reason
+    assert last.relative_residual <= 1e-10
+
+
+def test_sgd_with_too_large_a_step_raises_instead_of_returning():
+    from solvers import SolverDivergedError
+
+    J, r = known_problem("wide", False)
+    # σ_max² = 1e4: with lr 10 each full-batch step multiplies the error by ~1e3, Inf/NaN by epoch 200
+    with pytest.raises(SolverDivergedError, match=r"sgd diverged in epoch \d+ .*non-finite.*lower lr \(currently 10"):
+        solve(J, r, "sgd", lr=10.0, epochs=200)
+    # lr 1e-2 (full batch, no momentum): the top direction grows 3.2× a step, finite but the loss rises
+    with pytest.raises(SolverDivergedError, match=r"above its initial .*lower lr \(currently 0.01\)"):
+        solve(J, r, "sgd", lr=1e-2, epochs=5, batch_size=24, momentum=0.0)
+    with pytest.raises(SolverDivergedError):
+        solve_path(J, r, "sgd", [1, 5], lr=1e-2, batch_size=24, momentum=0.0)
+    assert issubclass(SolverDivergedError, ValueError)  # the CLI's "error:" path, nothing saved
+
+
+def test_a_non_finite_product_is_an_error_not_a_result():
+    from solvers import SolverDivergedError
+
+    J, r = known_problem("wide", False)
+    bad = J.copy()
+    bad[3, 4] = np.nan
+    for method, options in (("cg", {}), ("rsvd", {"rank": 5})):
+        with pytest.raises(SolverDivergedError, match="non-finite"):
+            solve(bad, r, method, check_finite=False, **options)
 
 
 # ---- result, auto, device ------------------------------------------------------------------------
