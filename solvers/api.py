@@ -15,6 +15,15 @@ method        objective                                          knob (regulariz
 Each private ``_solve_<name>`` lives in its own module with its stopping rule written as a formula.
 ``method="auto"`` picks ``lstsq`` when its Gram matrix fits the memory limit, else ``cg``; the
 choice is recorded (``result.method``; ``result.requested_method == "auto"``).
+
+What J may be (scipy ``_isolve`` style, each method asks only for what it uses):
+
+- rows of J, for every method: a ``RowBlockOperator`` (a store's ``train_J``) or a NumPy/CuPy array;
+- only the products J·v and Jᵀ·w, for ``cg`` and ``rsvd``: a ``scipy.sparse.linalg.LinearOperator``,
+  any object with ``shape``, ``matvec`` and ``rmatvec``, or the network itself
+  (``jacobian_store.matrix_free.NetworkJacobian``: jvp and vjp, J never formed). ``lstsq``,
+  ``ridge`` and ``sgd`` refuse such a J (they need K, JᵀJ or mini-batches of rows), and
+  ``method="auto"`` takes ``cg``. ``check_finite`` is then one product with a random vector.
 """
 from __future__ import annotations
 
@@ -29,12 +38,15 @@ from .direct import DRIVERS, FORMS, _solve_lstsq, _solve_ridge, resolve_form, ri
 from jacobian_store.sizes import parse_bytes
 
 from .memory import check_memory, choose_panel_bytes, default_memory_limit, memory_plan
-from jacobian_store.operators import ArrayRowOperator, as_row_operator
+from jacobian_store.matrix_free import ProductOperator, as_product_operator, has_products
+from jacobian_store.operators import ArrayRowOperator, RowBlockOperator, as_row_operator
 from .result import SolveResult
 from .rsvd import _solve_rsvd, rsvd_path
 from .sgd import _solve_sgd, sgd_path
 
 METHODS = ("lstsq", "ridge", "cg", "rsvd", "sgd")
+# The methods that use only J·v and Jᵀ·w; the others need rows of J (K, JᵀJ, mini-batches).
+PRODUCT_METHODS = ("cg", "rsvd")
 _REQUIRED = object()
 
 # Every option of every method, with its default; _REQUIRED ones have none.
@@ -70,9 +82,13 @@ def solve(J, r, method: str = "lstsq", *, n_outputs: int | None = None, device: 
     requested = method
     if method == "auto":
         # lstsq is exact and the fastest when its Gram matrix fits; otherwise CGLS, which holds
-        # only vectors (implicitly regularized by its iteration count: see cg.py).
-        plan = memory_plan(op, "lstsq", {}, form=resolve_form("auto", op.shape))
-        method = "lstsq" if limit is None or sum(b for _, b in plan) <= limit else "cg"
+        # only vectors (implicitly regularized by its iteration count: see cg.py). A J known only
+        # by its products has no Gram matrix to form: CGLS.
+        if isinstance(op, ProductOperator):
+            method = "cg"
+        else:
+            plan = memory_plan(op, "lstsq", {}, form=resolve_form("auto", op.shape))
+            method = "lstsq" if limit is None or sum(b for _, b in plan) <= limit else "cg"
     opts = _validate_options(op, method, options)
     plan_total = _check_plan(op, method, opts, dev, limit)
     if check_finite:
@@ -128,10 +144,13 @@ def solve_path(J, r, method: str, values, *, n_outputs: int | None = None, devic
 def _prepare(J, r, method, n_outputs, device, memory_limit):
     if method not in METHODS + ("auto",):
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)} or 'auto'")
-    op = as_row_operator(J, n_outputs)
-    on_gpu = isinstance(op, ArrayRowOperator) and is_cupy_array(op.J)
-    # a CuPy J computes on the GPU that holds it, whatever ``device`` says
-    dev = resolve_device(f"cuda:{op.J.device.id}" if on_gpu else device, arrays=True)
+    op = _as_operator(J, n_outputs, method)
+    if isinstance(op, ProductOperator):
+        dev = _vector_device(op, device)
+    else:
+        on_gpu = isinstance(op, ArrayRowOperator) and is_cupy_array(op.J)
+        # a CuPy J computes on the GPU that holds it, whatever ``device`` says
+        dev = resolve_device(f"cuda:{op.J.device.id}" if on_gpu else device, arrays=True)
     with dev.exact_float32():  # r lands on that GPU
         r = _validate_rhs(op, r, dev)
     if memory_limit == "auto":
@@ -143,6 +162,33 @@ def _prepare(J, r, method, n_outputs, device, memory_limit):
         if limit <= 0:
             raise ValueError(f"memory_limit must be positive, got {memory_limit!r}")
     return op, r, dev, limit
+
+
+def _as_operator(J, n_outputs, method):
+    """Rows of J for every method; J's products alone for cg and rsvd (see the module docstring)."""
+    if isinstance(J, RowBlockOperator) or isinstance(J, np.ndarray) or is_cupy_array(J):
+        return as_row_operator(J, n_outputs)
+    if not has_products(J):
+        raise TypeError(f"J must be a RowBlockOperator (e.g. a store's train_J) or a NumPy/CuPy array, or, for "
+                        f"methods {' and '.join(PRODUCT_METHODS)}, an operator with shape, matvec and rmatvec (a "
+                        f"scipy.sparse.linalg.LinearOperator, a NetworkJacobian); got {type(J).__name__}")
+    if method not in PRODUCT_METHODS + ("auto",):
+        raise TypeError(f"method {method!r} needs the rows of J (a RowBlockOperator such as a store's train_J, or "
+                        f"an array), but this {type(J).__name__} offers only the products J·v and Jᵀ·w; use "
+                        f"method {' or '.join(map(repr, PRODUCT_METHODS))}, or build the Jacobian store "
+                        f"(bin/build-jacobian) for {method}")
+    return as_product_operator(J, n_outputs)
+
+
+def _vector_device(op, device):
+    """Where the solver's vectors live for a J known by its products: anywhere the products accept
+    (a NetworkJacobian takes CuPy vectors), else on the host."""
+    if op.accepts_device_arrays:
+        return resolve_device(device, arrays=True)
+    if str(device).strip().lower() != "auto" and resolve_device(device).is_cuda:
+        raise ValueError(f"J is a {type(op).__name__} whose products take NumPy vectors, so the solver's vectors "
+                         f"stay on the host: use device='cpu' or 'auto' (the products run wherever J computes them)")
+    return resolve_device("cpu")
 
 
 def _validate_rhs(op, r, device):
@@ -262,8 +308,8 @@ def _held_in_memory(op, method: str, device, limit: int | None, plan_total: int)
     BLAS product. Taken only when the copy fits beside the method's own plan within the memory
     limit of that device, so the out-of-core guarantee is unchanged.
     """
-    if method not in _MULTI_PASS or limit is None:
-        return op
+    if method not in _MULTI_PASS or limit is None or not isinstance(op, RowBlockOperator):
+        return op  # (J known by its products has no rows to hold)
     if isinstance(op, ArrayRowOperator) and (is_cupy_array(op.J) or not device.is_cuda):
         return op  # already an array where the products run
     m, p = op.shape

@@ -2,7 +2,8 @@
 
 Figures are for J of shape (n·L, p) = (m, p); 8 bytes per float64. Every method also holds one
 row block of J (one HDF5 chunk), its float64 working copy (at most ``SLICE_BYTES``) and a few
-vectors of length m and p; on top of that:
+vectors of length m and p (a J known only by its products holds instead its own workspace, e.g.
+a network's activations for one batch); on top of that:
 
     lstsq, ridge   dual (m ≤ p):    K = J Jᵀ and its eigenvectors, 2·8·m², plus a panel of rows of J
                    primal (m > p):  JᵀJ and its eigenvectors, 2·8·p²
@@ -55,10 +56,13 @@ def memory_plan(op, method: str, options: dict, *, form: str | None = None, n_kn
     """(what, bytes) for everything ``method`` holds at its peak besides Python itself."""
     m, p = op.shape
     item = np.dtype(op.dtype).itemsize
-    rows = min(block_rows_of(op), m)
-    plan = [(f"one row block of J ({rows} rows, {np.dtype(op.dtype).name})", rows * p * item),
-            ("its float64 working copy", min(rows * p * 8, SLICE_BYTES) if item != 8 else 0),
-            ("vectors r, J u, u", 8 * (3 * m + 2 * p))]
+    if hasattr(op, "row_blocks"):
+        rows = min(block_rows_of(op), m)
+        plan = [(f"one row block of J ({rows} rows, {np.dtype(op.dtype).name})", rows * p * item),
+                ("its float64 working copy", min(rows * p * 8, SLICE_BYTES) if item != 8 else 0)]
+    else:  # J known only by its products (matrix-free): no rows, the operator's own workspace
+        plan = [(f"{type(op).__name__}'s workspace for one product", int(getattr(op, "workspace_bytes", 0)))]
+    plan.append(("vectors r, J u, u", 8 * (3 * m + 2 * p)))
     if method in ("lstsq", "ridge") and options.get("driver"):
         plan += [("J held in memory", m * p * item), ("LAPACK's float64 copy of J", m * p * 8)]
     elif method in ("lstsq", "ridge"):
