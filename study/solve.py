@@ -4,6 +4,8 @@
     bin/solve --store runs/lenet-w5.h5 --method ridge --lambda 1e-3
     bin/solve --store runs/lenet-w5.h5 --method ridge --path --lambdas 1e-6 1e-4 1e-2 1
     bin/solve --store runs/lenet-w5.h5 --method sgd --lr 0.01 --epochs 20 --weight-decay 1e-4
+    bin/solve --arch lenet --width 5 --dataset mnist --binary 0 --n-train 10000 --method cg --maxiter 200 \
+              --save-u u.npy          # matrix-free: no store, J·v by jvp and Jᵀ·w by vjp (cg, rsvd)
 
 Writes u and its diagnostics (every option used) into the store under ``/solutions/<name>``,
 prints a one-line summary and writes a JSON record.
@@ -64,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="What each method holds in memory (J is read from the store chunk by chunk, never whole):\n\n"
                + memory + "\nA method that would not fit under --memory-limit is refused before it reads J, "
                "with the figure.")
-    parser.add_argument("--store", type=Path, required=True, help="the Jacobian store (HDF5, from bin/build-jacobian)")
+    parser.add_argument("--store", type=Path, help="the Jacobian store (HDF5, from bin/build-jacobian); without it, "
+                        "J is the network's own (options 'network' and 'data' below), matrix-free: cg and rsvd only")
     parser.add_argument("--method", choices=METHODS + ("auto",), default="lstsq",
                         help="lstsq: minimum-norm least squares; ridge: + λ‖u‖²; cg: CGLS, iterations regularize; "
                              "rsvd: rank-k truncated SVD; sgd: momentum SGD as in network training; auto: lstsq if "
@@ -116,12 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
                           "worker process per core), else the address of a running scheduler (tcp://host:8786); "
                           "needs pip install 'lincnn[distributed]', and workers on other machines need the store "
                           "on a shared filesystem at the same path")
-    out.add_argument("--data-root", type=Path, help="where the store's dataset lives, for the test accuracy")
     out.add_argument("--no-test", action="store_true", help="skip the test-set evaluation")
     out.add_argument("--eval-batch-size", type=int, default=256, help="test samples per jvp (default 256)")
     out.add_argument("--standard-run", type=Path,
                      help="a bin/train run directory (or its metrics.json) of the standard network, reported alongside")
+    out.add_argument("--save-u", type=Path, metavar="FILE.npy", help="also write u (float64, length p) to this .npy file")
     out.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_matrix_free_arguments(parser)
     return parser
 
 
@@ -135,9 +139,12 @@ def main(argv=None) -> int:
     if args.scheduler and args.driver:
         parser.error("--driver solves with LAPACK on J held in local memory; it does not combine with --scheduler")
     options = _options_from_args(parser, args, method)
+    _check_matrix_free_args(parser, args, method)
     _check_arguments(parser, args, method, options)
     try:
         standard = _standard_metrics(args.standard_run)
+        if args.store is None:
+            return _run_matrix_free(args, method, options, standard)
         return _run(args, method, options, standard)
     except (MemoryLimitError, ValueError, TypeError, OSError, ImportError) as error:
         print(f"bin/solve: error: {error}", file=sys.stderr)
@@ -170,15 +177,21 @@ def _check_arguments(parser, args, method, options) -> None:
         args.name = check_solution_name(default if args.name is None else args.name)
     except ValueError as error:
         parser.error(f"--name: {error}")
-    stem = args.store.with_suffix("")
+    if args.store is None:  # matrix-free: only the files asked for (--out checked given with --path)
+        stem = None
+    else:
+        stem = args.store.with_suffix("")
     if args.path:
         args.out = args.out or Path(f"{stem}.{args.name}")
         for suffix in (".md", ".csv", ".png"):
             _check_writable(parser, "--out", Path(f"{args.out}{suffix}"))
         args.json = args.json or Path(f"{args.out}.json")
-    else:
+    elif stem is not None:
         args.json = args.json or Path(f"{stem}.{args.name}.json")
-    _check_writable(parser, "--json", args.json)
+    if args.json:
+        _check_writable(parser, "--json", args.json)
+    if args.save_u:
+        _check_writable(parser, "--save-u", args.save_u)
 
 
 def _check_writable(parser, flag: str, path: Path) -> None:
@@ -211,6 +224,8 @@ def _options_from_args(parser, args, method) -> dict:
         knob = PATH_KNOBS[method]
         if knob in options:
             parser.error(f"with --path, give the values of {OPTION_FLAGS[knob]} with --{PATH_FLAGS[method].replace('_', '-')}")
+    if args.path and args.save_u:
+        parser.error("--save-u writes one solution; a --path has several (they are in the store, or drop --path)")
     for m, flag in PATH_FLAGS.items():
         if getattr(args, flag) is not None and not (args.path and m == method):
             parser.error(f"--{flag.replace('_', '-')} needs --path --method {m}")
@@ -266,6 +281,7 @@ def _run(args, method, options, standard) -> int:
     else:
         payload.update(records[0])
     _save(args, identity, [res.u for res in results], records, payload)
+    _save_u(args, results)
     if args.path:
         _write_path_outputs(args.out, records, knob, method, standard)
         for rec in records:
@@ -388,6 +404,130 @@ class _Evaluator:
             outs = torch.cat([self.model(self.x_test[i:i + self.batch_size].to(next(self.model.parameters())))
                               for i in range(0, self.x_test.shape[0], self.batch_size)])
         return {"train_acc": accuracy(f0, targets), "test_acc": accuracy(outs, self.y_test)}
+
+
+# ---- matrix-free: J of the network itself, by jvp and vjp (no store) ----------------------------
+
+MATRIX_FREE_METHODS = ("cg", "rsvd", "auto")
+NETWORK_DTYPES = ("float32", "float64")
+
+
+def _add_matrix_free_arguments(parser) -> None:
+    """The network and data options of bin/build-jacobian, defining J when there is no --store."""
+    from jacobian_store.architectures import available_models
+    from jacobian_store.datasets import add_data_arguments
+
+    net = parser.add_argument_group("network (without --store: J = ∂f(w0, X)/∂w, never formed)")
+    net.add_argument("--arch", default="lenet", choices=available_models(), help="architecture (default lenet)")
+    net.add_argument("--width", type=float, default=1.0, help="width factor k (default 1)")
+    net.add_argument("--init-seed", type=int, default=0,
+                     help="seed of the initialization w0: bin/build-jacobian's --seed (default 0)")
+    net.add_argument("--network-dtype", choices=NETWORK_DTYPES, default="float32",
+                     help="dtype of the jvp/vjp (default float32, as a store's J)")
+    net.add_argument("--jvp-batch-size", type=int, help="samples per jvp/vjp (default: as many as the memory allows)")
+    add_data_arguments(parser)
+
+
+def _matrix_free_flags(parser) -> dict:
+    """dest → flag of every option that defines J without a store (refused with --store)."""
+    flags = {}
+    for group in parser._action_groups:
+        if group.title.startswith(("network", "data")):
+            for action in group._group_actions:
+                if action.dest != "data_root":  # also where a store's dataset lives
+                    flags[action.dest] = action.option_strings[0]
+    return flags
+
+
+def _check_matrix_free_args(parser, args, method) -> None:
+    given = [flag for dest, flag in _matrix_free_flags(parser).items() if getattr(args, dest) != parser.get_default(dest)]
+    if args.store:
+        if given:
+            parser.error(f"{', '.join(given)} define J without a store; with --store the store's own network and data "
+                         f"are used (drop them, or drop --store to run matrix-free)")
+        return
+    if method not in MATRIX_FREE_METHODS:
+        parser.error(f"--method {method} needs the rows of J, i.e. a Jacobian store: build one with bin/build-jacobian "
+                     f"and pass --store; without --store only cg and rsvd run (matrix-free, by jvp and vjp)")
+    for flag, dest in (("--scheduler", "scheduler"), ("--name", "name"), ("--overwrite", "overwrite"),
+                       ("--no-save", "no_save")):
+        if getattr(args, dest):
+            parser.error(f"{flag} applies to a store; without --store u is written by --save-u FILE.npy")
+    if args.path and not args.out:
+        parser.error("--path without --store needs --out PREFIX for its table and figure")
+    if args.width <= 0:
+        parser.error(f"--width must be positive, got {args.width}")
+
+
+def _run_matrix_free(args, method, options, standard) -> int:
+    """cg or rsvd on the network's own Jacobian; train and test accuracy as with a store."""
+    import torch
+
+    from jacobian_store.architectures import create_model
+    from jacobian_store.datasets import dataset_from_args
+    from jacobian_store.functional import linearized_outputs
+    from jacobian_store.matrix_free import NetworkJacobian
+    from study.metrics import accuracy
+
+    started = time.perf_counter()
+    dataset = dataset_from_args(args)
+    model = create_model(args.arch, args.width, in_channels=dataset.in_channels, n_outputs=dataset.n_outputs,
+                         image_size=dataset.image_size, seed=args.init_seed)
+    J = NetworkJacobian(model, dataset.train.x, device=args.device, batch_size=args.jvp_batch_size,
+                        dtype=getattr(torch, args.network_dtype))
+    f0, targets = J.outputs(), dataset.train.targets.numpy().astype(np.float64)
+    r = (targets - f0).reshape(-1)
+    common = dict(device=args.device, memory_limit=args.memory_limit, progress=not args.quiet)
+    if args.path:
+        knob = PATH_KNOBS[method]
+        results = solve_path(J, r, method, _path_values(args, method, J, options), **common, **options)
+    else:
+        results = [solve(J, r, method, **common, **options)]
+    x_test, y_test = dataset.test.x, dataset.test.targets.numpy()
+    name = args.name
+    records = []
+    for res in progress_bar(results, enabled=not args.quiet and len(results) > 1, desc="evaluate"):
+        test = {"test_acc": None, "test_note": "skipped (--no-test)"}
+        if not args.no_test:  # f0(x) + J(x) u by one jvp per batch of test inputs, as with a store
+            _, f_lin = linearized_outputs(J.model, torch.from_numpy(np.asarray(res.u)), x_test, args.eval_batch_size)
+            test = {"test_acc": accuracy(f_lin, y_test)}
+        record = {"name": name, **res.to_dict(), "train_acc": accuracy(f0 + res.fitted.reshape(f0.shape), targets),
+                  **test}
+        if args.path:
+            record["knob"], record["value"] = knob, res.options[knob]
+            record["name"] = _path_name(name, knob, res.options[knob])
+        records.append(record)
+    _save_u(args, results)
+    with torch.no_grad():
+        f0_test = linearized_outputs(J.model, torch.zeros(J.shape[1], dtype=torch.float64), x_test,
+                                     args.eval_batch_size)[0]
+    payload = {"store": None, "operator": repr(J), "dataset": dataset.spec, "command": _command(args),
+               "network": {"arch": args.arch, "width": args.width, "seed": args.init_seed, "dtype": args.network_dtype},
+               "initial": {"train_acc": accuracy(f0, targets), "test_acc": accuracy(f0_test, y_test)},
+               "standard": standard, "seconds": time.perf_counter() - started}
+    if args.path:
+        _write_path_outputs(args.out, records, knob, method, standard)
+        payload["path"] = records
+        for rec in records:
+            print(_summary_line(rec))
+        print(f"path of {len(records)} {KNOB_LABELS[knob]} values → {args.out}.md, {args.out}.csv, {args.out}.png")
+    else:
+        payload.update(records[0])
+        print(_summary_line(records[0]) + " (matrix-free)")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(dumps(payload, indent=1) + "\n")
+    return 0
+
+
+def _save_u(args, results) -> None:
+    """--save-u FILE.npy: the one solution u, float64 on the host."""
+    if args.save_u is None:
+        return
+    from jacobian_store.device import to_numpy
+
+    args.save_u.parent.mkdir(parents=True, exist_ok=True)
+    np.save(args.save_u, np.asarray(to_numpy(results[0].u), dtype=np.float64))
 
 
 def _path_values(args, method, J, options) -> list:

@@ -174,3 +174,54 @@ def test_matrix_free_cg_and_rsvd_equal_the_stored_J_ones(tmp_path):
             assert rel(free.u, stored.u) < 1e-6, (method, rel(free.u, stored.u))
             assert free.residual_norm == pytest.approx(stored.residual_norm, rel=1e-6)
             assert free.options["n_outputs"] == 10 and free.extras["J_held_in_memory"] is False
+
+
+# ---- bin/solve without a store -------------------------------------------------------------------
+
+NETWORK_ARGS = ["--arch", "lenet", "--width", "0.25", "--init-seed", "0", "--dataset", "digits", "--n-train", "40",
+                "--n-test", "20", "--device", "cpu", "--quiet"]
+
+
+@pytest.mark.filterwarnings("ignore::solvers.cg.ConvergenceWarning")  # cg stopped at maxiter on purpose
+def test_bin_solve_without_a_store_runs_cg_matrix_free_like_the_store(tmp_path, capsys):
+    import json
+
+    from jacobian_store.build import BuildSpec, build_store
+    from jacobian_store.datasets import load_dataset
+    from study.solve import main
+
+    free_u, store_u = tmp_path / "free.npy", tmp_path / "store.npy"
+    assert main(NETWORK_ARGS + ["--method", "cg", "--maxiter", "5", "--save-u", str(free_u),
+                                "--json", str(tmp_path / "free.json")]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("cg-maxiter5-tol1e-06: cg[cgls] NOT converged (iteration limit reached (maxiter=5))")
+    assert line.endswith("(matrix-free)")
+    free = json.loads((tmp_path / "free.json").read_text())
+    assert free["stop_code"] == 3 and free["network"] == {"arch": "lenet", "width": 0.25, "seed": 0, "dtype": "float32"}
+
+    path = tmp_path / "s.h5"
+    build_store(path, BuildSpec("lenet", 0.25, seed=0), load_dataset("digits", n_train=40, n_test=20, seed=0),
+                progress=False)
+    assert main(["--store", str(path), "--method", "cg", "--maxiter", "5", "--save-u", str(store_u), "--quiet",
+                 "--device", "cpu", "--json", str(tmp_path / "store.json")]) == 0
+    stored = json.loads((tmp_path / "store.json").read_text())
+    # float32 jvp/vjp against the float32 store: 5 CGLS iterations agree to ~4e-7 (measured)
+    assert rel(np.load(free_u), np.load(store_u)) < 1e-5
+    assert free["train_acc"] == stored["train_acc"] and free["test_acc"] == stored["test_acc"]
+    assert free["initial"] == stored["initial"]
+
+
+def test_bin_solve_without_a_store_refuses_what_needs_rows(tmp_path, capsys):
+    from study.solve import main
+
+    for method in (["--method", "lstsq"], ["--method", "ridge", "--lambda", "1"], ["--method", "sgd", "--lr", "0.1"]):
+        with pytest.raises(SystemExit) as exit_:
+            main(NETWORK_ARGS + method)
+        assert exit_.value.code == 2
+        assert "needs the rows of J, i.e. a Jacobian store" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--store", str(tmp_path / "s.h5"), "--arch", "lenet", "--width", "2"])
+    assert "--width define J without a store" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(NETWORK_ARGS + ["--method", "cg", "--path", "--iterations", "1", "2", "--save-u", "u.npy"])
+    assert "--save-u writes one solution" in capsys.readouterr().err
