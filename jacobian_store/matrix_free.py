@@ -50,7 +50,7 @@ class ProductOperator:
     """
 
     shape: tuple[int, int]
-    dtype: np.dtype = np.dtype(np.float64)
+    dtype: np.dtype = np.dtype(np.float64)  # the precision of J's entries; products are float64
     n_outputs: int = 1
     accepts_device_arrays = False
     workspace_bytes = 0
@@ -109,7 +109,8 @@ class _WrappedOperator(ProductOperator):
     def __init__(self, J, n_outputs: int):
         self.J = J
         self.shape = (int(J.shape[0]), int(J.shape[1]))
-        self.dtype = np.dtype(getattr(J, "dtype", None) or np.float64)
+        dtype = getattr(J, "dtype", None)  # (a NumPy dtype is falsy: it has no fields)
+        self.dtype = np.dtype(np.float64 if dtype is None else dtype)
         self.n_outputs = n_outputs
 
     def matvec(self, u):
@@ -194,7 +195,8 @@ class NetworkJacobian(ProductOperator):
             probe_out, sample_bytes = _probe(self.model, self.x[:1])
         self.n_outputs = int(probe_out.shape[1])
         self.shape = (n * self.n_outputs, p)
-        self.dtype = np.dtype(np.float64)
+        # the precision of J's entries (rsvd's rounding cut-off uses it); the vectors are float64
+        self.dtype = np.dtype(str(self.torch_dtype).split(".")[-1])
         if batch_size is None:
             if memory_budget is None:
                 from jacobian_store.build import default_memory_budget

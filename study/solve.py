@@ -440,7 +440,8 @@ def _matrix_free_flags(parser) -> dict:
 
 
 def _check_matrix_free_args(parser, args, method) -> None:
-    given = [flag for dest, flag in _matrix_free_flags(parser).items() if getattr(args, dest) != parser.get_default(dest)]
+    given = [flag for dest, flag in _matrix_free_flags(parser).items()
+             if getattr(args, dest) != parser.get_default(dest)]
     if args.store:
         if given:
             parser.error(f"{', '.join(given)} define J without a store; with --store the store's own network and data "

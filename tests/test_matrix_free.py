@@ -15,7 +15,7 @@ from conftest import DEVICES
 from jacobian_store.architectures import create_model
 from jacobian_store.functional import initial_parameters, jacobian_rows
 from jacobian_store.matrix_free import NetworkJacobian, as_product_operator
-from solvers import SolveResult, solve, solve_path
+from solvers import solve, solve_path
 
 
 def rel(a, b) -> float:
