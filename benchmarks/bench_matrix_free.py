@@ -24,7 +24,7 @@ MNIST; seconds per iteration at n = 10,000, extrapolated from n = 2,000 / 200 / 
 
     LeNet   p            matrix-free   stored J (HDF5)   stored J held in float64   J at n=10,000
     ×1      60,941       11.6 s        17.3 s            1.4 s                      2.4 GB
-    ×5      1,514,301    138 s         488 s             3.2 s (needs 121 GB RAM)   61 GB
+    ×5      1,514,301    138 s         488 s             32 s (needs 121 GB RAM)    61 GB
     ×20     24,201,201   2,276 s       —                 —                          968 GB
 
 i.e. 4–7 GFLOP/s under the 6-forward-passes model. On a GPU the matrix-free figures scale with
