@@ -41,6 +41,7 @@ from jacobian_store.sizes import parse_bytes
 from jacobian_store.store import check_solution_name
 from solvers.api import _REQUIRED, METHOD_OPTIONS, METHODS, PATH_KNOBS, solve, solve_path
 from solvers.memory import MemoryLimitError, __doc__ as MEMORY_DOC
+from solvers.result import SolverDivergedError
 
 # command-line flag (argparse dest) → solver option
 FLAG_OPTIONS = {
@@ -146,6 +147,10 @@ def main(argv=None) -> int:
         if args.store is None:
             return _run_matrix_free(args, method, options, standard)
         return _run(args, method, options, standard)
+    except SolverDivergedError as error:  # raised by the solver itself: no result exists to save
+        print(f"bin/solve: error: {error}; nothing was saved. {_DIVERGENCE_FIX.get(method, '')}".rstrip(),
+              file=sys.stderr)
+        return 2
     except (MemoryLimitError, ValueError, TypeError, OSError, ImportError) as error:
         print(f"bin/solve: error: {error}", file=sys.stderr)
         return 2
