@@ -2,10 +2,11 @@
 
 An experiment file has these tables (every key optional unless marked; defaults in ``_DEFAULTS``)::
 
-    [experiment]  name, kind ("compare" | "spectrum" | "regularization"), description
+    [experiment]  name (a plain file name: letters, digits, ".", "_", "-"), kind ("compare" | "spectrum" |
+                  "regularization" | "interpolation"), description
     [dataset]     name (required), n_train, n_test ("all" or a number), binary, seed, shift, shift_seed,
                   image_size: the arguments of jacobian_store.datasets.load_dataset
-    [[variants]]  label, plus any [dataset] key to override: one run of the grid per variant
+    [[variants]]  label (a plain file name), plus any [dataset] key to override: one run of the grid per variant
                   (e.g. plain and shifted MNIST); default: one variant labelled by the dataset name
     [grid]        arch, widths, seeds (model seeds: w0 and mini-batch order), models ("standard",
                   "linearized"), solvers ("lstsq", "ridge", "cg", "rsvd", "sgd" on a stored J)
@@ -17,8 +18,12 @@ An experiment file has these tables (every key optional unless marked; defaults 
                   hyperparameters); store_dtype for every stored J
     [spectrum]    method ("structured" | "jacobian"): how K = J Jᵀ is computed; bins
     [regularization]  width, seed, lambdas, ranks, cg_iterations, sgd_epochs, sgd_lr, sgd_weight_decay
+    [interpolation]  width, n_trains (the n-sweep at that width), n_train (the width sweep over grid.widths
+                  at that n), lambdas, cg_iterations, validation_fraction (share of the test split that
+                  chooses λ and the CG iteration count; the rest is the test set reported)
     [search]      lrs, weight_decays, validation_fraction, epochs, seed: the hyperparameter search
     [report]      figures: which figures to draw (default: every figure of the kind)
+    [[claims]]    the claims the experiment tests, checked on its records (``claims.py``)
     [presets.cpu], [presets.paper]   the same tables (any subset), merged over the ones above,
                   plus ``expected_cost`` (a sentence: what the preset costs, where measured)
 
@@ -29,12 +34,15 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .claims import ClaimError, validate_claims
+
 EXPERIMENTS_DIR = Path(__file__).resolve().parent / "configs"
-KINDS = ("compare", "spectrum", "regularization")
+KINDS = ("compare", "spectrum", "regularization", "interpolation")
 MODEL_KINDS = ("standard", "linearized")
 SOLVERS = ("lstsq", "ridge", "cg", "rsvd", "sgd")
 PRESETS = ("cpu", "paper")
@@ -42,7 +50,10 @@ FIGURES = {
     "compare": ("accuracy", "gap"),
     "spectrum": ("effective_rank", "singular_values"),
     "regularization": ("paths", "norm"),
+    "interpolation": ("threshold", "width_sweep", "threshold_paths"),
 }
+# Experiment names and variant labels become file and directory names in the run directory.
+PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 # The study's search grid: learning rates and weight decays 5 × 10^-4 … 5 × 10^-8.
 SEARCH_LRS = (1.0, 0.1, 0.01, 0.001)
 SEARCH_WEIGHT_DECAYS = (5e-4, 5e-5, 5e-6, 5e-7, 5e-8)
@@ -70,6 +81,8 @@ _SCHEMA: dict[str, dict[str, tuple]] = {
     "regularization": {"width": _NUMBER, "seed": (int,), "lambdas": (list,), "ranks": (list,),
                        "cg_iterations": (list,), "sgd_epochs": (list,), "sgd_lr": _NUMBER,
                        "sgd_weight_decay": _NUMBER},
+    "interpolation": {"width": _NUMBER, "n_trains": (list,), "n_train": (int,), "lambdas": (list,),
+                      "cg_iterations": (list,), "validation_fraction": _NUMBER},
     "search": {"lrs": (list,), "weight_decays": (list,), "validation_fraction": _NUMBER, "epochs": (int,),
                "seed": (int,)},
     "report": {"figures": (list,)},
@@ -79,7 +92,7 @@ _SOLVER_OPTIONS = {"lstsq": {"tier": (str,), "rcond": _NUMBER}, "ridge": {"lam":
                    "cg": {"maxiter": (int,), "tol": _NUMBER}, "rsvd": {"rank": (int,), "power_iter": (int,)},
                    "sgd": {}}
 _VARIANT_KEYS = {"label": (str,), **_SCHEMA["dataset"]}
-_TOP_LEVEL = (*_SCHEMA, "variants", "presets")
+_TOP_LEVEL = (*_SCHEMA, "variants", "claims", "presets")
 
 _DEFAULTS = {
     "experiment": {"description": ""},
@@ -93,6 +106,9 @@ _DEFAULTS = {
     "regularization": {"width": 1, "seed": 0, "lambdas": [1e-4, 1e-3, 1e-2, 1e-1, 1, 10, 100],
                        "ranks": [10, 30, 100, 300], "cg_iterations": [1, 3, 10, 30, 100],
                        "sgd_epochs": [1, 2, 5, 10], "sgd_lr": 0.01, "sgd_weight_decay": 0.0},
+    "interpolation": {"width": 0.25, "n_trains": [500, 1000, 2000, 4000], "n_train": 2000,
+                      "lambdas": [1e-3, 1e-2, 1e-1, 1, 10, 100], "cg_iterations": [3, 10, 30, 100],
+                      "validation_fraction": 0.5},
     "search": {"lrs": list(SEARCH_LRS), "weight_decays": list(SEARCH_WEIGHT_DECAYS), "validation_fraction": 0.1,
                "seed": 0},
     "report": {},
@@ -118,6 +134,8 @@ class Experiment:
     regularization: dict
     search: dict
     report: dict = field(default_factory=dict)
+    interpolation: dict = field(default_factory=dict)
+    claims: list = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -216,7 +234,8 @@ def resolve(raw: dict, preset: str, source: str = "<config>", overrides: dict | 
                           description=experiment.get("description", ""), expected_cost=expected_cost, source=source,
                           dataset=merged["dataset"], variants=variants, grid=merged["grid"], train=merged["train"],
                           solver=merged["solver"], spectrum=merged["spectrum"],
-                          regularization=merged["regularization"], search=merged["search"], report=merged["report"])
+                          regularization=merged["regularization"], search=merged["search"], report=merged["report"],
+                          interpolation=merged["interpolation"], claims=merged.get("claims", []))
     _check_values(resolved, source)
     # Round-trip through JSON so the resolved config equals what a record stores and reads back.
     return Experiment.from_dict(json.loads(json.dumps(resolved.to_dict())))
@@ -245,7 +264,7 @@ def _check_key(source: str, where: str, key: str, value, schema: dict) -> None:
 
 
 def _check_tables(raw: dict, source: str, prefix: str, allow_presets: bool) -> None:
-    top = _TOP_LEVEL if allow_presets else (*_SCHEMA, "variants", "expected_cost")
+    top = _TOP_LEVEL if allow_presets else (*_SCHEMA, "variants", "claims", "expected_cost")
     for table, content in raw.items():
         if table not in top:
             raise ConfigError(f"{source}: unknown table [{prefix}{table}]; valid tables: {', '.join(top)}")
@@ -254,6 +273,10 @@ def _check_tables(raw: dict, source: str, prefix: str, allow_presets: bool) -> N
         if table == "expected_cost":
             if not isinstance(content, str):
                 raise ConfigError(f"{source}: '{prefix}expected_cost' must be a string")
+            continue
+        if table == "claims":
+            if not isinstance(content, list) or not all(isinstance(c, dict) for c in content):
+                raise ConfigError(f"{source}: '{prefix}claims' must be an array of tables ([[claims]])")
             continue
         if table == "variants":
             if not isinstance(content, list) or not all(isinstance(v, dict) for v in content):
@@ -302,6 +325,10 @@ def _check_values(e: Experiment, source: str) -> None:
 
     if e.kind not in KINDS:
         fail(f"experiment.kind must be one of {', '.join(KINDS)}, got {e.kind!r}")
+    for what, name in [("experiment.name", e.name)] + [("variants.label", v["label"]) for v in e.variants]:
+        if not PLAIN_NAME.fullmatch(name):
+            fail(f"{what} {name!r} is not a plain file name (it names files and folders of the run directory): "
+                 f"use letters, digits, '.', '_' and '-', starting with a letter or digit, e.g. 'mnist-shifted'")
     labels = [v["label"] for v in e.variants]
     if len(set(labels)) != len(labels):
         fail(f"variant labels must be distinct, got {', '.join(labels)}")
@@ -345,3 +372,29 @@ def _check_values(e: Experiment, source: str) -> None:
                  f"valid figures: {', '.join(FIGURES[e.kind])}")
     if e.spectrum["method"] not in ("structured", "jacobian"):
         fail(f"spectrum.method must be 'structured' or 'jacobian', got {e.spectrum['method']!r}")
+    if e.kind == "interpolation":
+        _check_interpolation(e, fail)
+    try:
+        validate_claims(e)
+    except ClaimError as err:
+        fail(str(err))
+
+
+def _check_interpolation(e: Experiment, fail) -> None:
+    sweep = e.interpolation
+    counts = sweep["n_trains"]
+    if not counts or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in counts):
+        fail(f"interpolation.n_trains must be a non-empty list of positive integers, got {counts!r}")
+    if not (isinstance(sweep["n_train"], int) and sweep["n_train"] > 0):
+        fail(f"interpolation.n_train must be a positive integer, got {sweep['n_train']!r}")
+    if not sweep["width"] > 0:
+        fail(f"interpolation.width must be positive, got {sweep['width']!r}")
+    if not 0 < sweep["validation_fraction"] < 1:
+        fail(f"interpolation.validation_fraction must lie in (0, 1), got {sweep['validation_fraction']!r}")
+    lambdas, iterations = sweep["lambdas"], sweep["cg_iterations"]
+    if not lambdas or not all(isinstance(v, _NUMBER) and not isinstance(v, bool) and v > 0 for v in lambdas):
+        fail(f"interpolation.lambdas must be a non-empty list of positive numbers (λ = 0 is the lstsq point, "
+             f"always computed), got {lambdas!r}")
+    if not iterations or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in iterations):
+        fail(f"interpolation.cg_iterations must be a non-empty list of positive integers, got {iterations!r}")
+

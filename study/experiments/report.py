@@ -1,4 +1,5 @@
-"""Reports from a run directory alone: ``report.md`` (Markdown tables) and ``figures/*.png``.
+"""Reports from a run directory alone: ``report.md`` (Markdown tables), ``claims.json`` (the verdict on
+each claim the experiment declares, ``claims.py``) and ``figures/*.png``.
 
 Everything is read back from ``experiment.json`` and the unit records, so a report can be redrawn
 at any time, from a partial run too (units not finished yet are simply absent: the ``n`` column
@@ -14,8 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .claims import RULE, evaluate_claims
 from .config import MODEL_KINDS, SOLVERS, Experiment
-from .records import load_records
+from .records import load_records, write_json_atomic
 
 LABELS = {"standard": "standard", "linearized": "linearized (SGD)", "lstsq": "lstsq (exact)",
           "ridge": "ridge", "cg": "CG", "rsvd": "rSVD", "sgd": "SGD (stored J)"}
@@ -30,7 +32,7 @@ def load_run(run_dir: str | Path) -> tuple[Experiment, list[dict]]:
 
 
 def write_report(run_dir: str | Path, figures: bool = True) -> tuple[str, list[Path]]:
-    """Write ``report.md`` and the figures into ``run_dir``; return (Markdown, figure paths)."""
+    """Write ``report.md``, ``claims.json`` and the figures into ``run_dir``; return (Markdown, figure paths)."""
     run_dir = Path(run_dir)
     exp, records = load_run(run_dir)
     # Presets belong to experiment files; a config built in code (bin/demo, tests) has none to name.
@@ -39,7 +41,12 @@ def write_report(run_dir: str | Path, figures: bool = True) -> tuple[str, list[P
     if exp.description:
         lines += [exp.description, ""]
     lines += [_setup_line(exp, records), ""]
-    builder = {"compare": _compare, "spectrum": _spectrum, "regularization": _regularization}[exp.kind]
+    builder = {"compare": _compare, "spectrum": _spectrum, "regularization": _regularization,
+               "interpolation": _interpolation}[exp.kind]
+    verdicts = evaluate_claims(exp, records)
+    write_json_atomic(run_dir / "claims.json", verdicts)
+    if verdicts:
+        lines += claims_section(verdicts)
     body, paths = builder(exp, records, run_dir / "figures" if figures else None)
     lines += body
     search = run_dir / "search_selection.json"
@@ -50,6 +57,13 @@ def write_report(run_dir: str | Path, figures: bool = True) -> tuple[str, list[P
     text = "\n".join(lines).rstrip() + "\n"
     (run_dir / "report.md").write_text(text)
     return text, paths
+
+
+def claims_section(verdicts: list[dict]) -> list[str]:
+    """The verdict table: one row per claim, with the check and the numbers that decided it."""
+    cell = lambda text: text.replace("|", "\\|")  # a pipe would end the Markdown cell
+    rows = [[cell(v["claim"]), f"**{v['verdict']}**", cell(f"`{v['check']}`: {v['evidence']}")] for v in verdicts]
+    return ["## Claims", "", *_table(["claim", "verdict", "evidence"], rows), "", RULE, "", "## Results", ""]
 
 
 def _setup_line(exp: Experiment, records: list[dict]) -> str:
