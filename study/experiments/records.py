@@ -32,18 +32,21 @@ RECORD_FORMAT = 1
 @dataclasses.dataclass(frozen=True)
 class Unit:
     variant: str
-    name: str  # standard, linearized, lstsq, ridge, cg, rsvd, sgd, spectrum, <method>-path
+    name: str  # standard, linearized, lstsq, ridge, cg, rsvd, sgd, spectrum, <method>-path, solvers
     width: float
     seed: int
+    n_train: int | None = None  # interpolation: the point's training-set size (else the dataset's)
 
     @property
     def key(self) -> str:
-        return unit_key(self.variant, self.name, self.width, self.seed)
+        return unit_key(self.variant, self.name, self.width, self.seed, self.n_train)
 
 
-def unit_key(variant: str, name: str, width: float, seed: int) -> str:
-    """Stable file-name key of a unit, e.g. ``mnist__linearized__w4__s0``."""
-    return f"{_safe(variant)}__{_safe(name)}__w{width:g}__s{seed}"
+def unit_key(variant: str, name: str, width: float, seed: int, n_train: int | None = None) -> str:
+    """Stable file-name key of a unit, e.g. ``mnist__linearized__w4__s0`` (``__n1000`` appended for an
+    interpolation point)."""
+    n = "" if n_train is None else f"__n{n_train}"
+    return f"{_safe(variant)}__{_safe(name)}__w{width:g}__s{seed}{n}"
 
 
 def _safe(text: str) -> str:

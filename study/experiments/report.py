@@ -17,6 +17,8 @@ import numpy as np
 
 from .claims import RULE, evaluate_claims
 from .config import MODEL_KINDS, SOLVERS, Experiment
+from .interpolation import report as _interpolation
+from .interpolation import with_reference_rank
 from .records import load_records, write_json_atomic
 
 LABELS = {"standard": "standard", "linearized": "linearized (SGD)", "lstsq": "lstsq (exact)",
@@ -35,6 +37,7 @@ def write_report(run_dir: str | Path, figures: bool = True) -> tuple[str, list[P
     """Write ``report.md``, ``claims.json`` and the figures into ``run_dir``; return (Markdown, figure paths)."""
     run_dir = Path(run_dir)
     exp, records = load_run(run_dir)
+    records = with_reference_rank(exp, records)
     # Presets belong to experiment files; a config built in code (bin/demo, tests) has none to name.
     preset = f" ({exp.preset} preset)" if exp.source.endswith(".toml") else ""
     lines = [f"# {exp.name}{preset}", ""]
@@ -78,6 +81,13 @@ def _setup_line(exp: Experiment, records: list[dict]) -> str:
     if exp.kind == "regularization":
         reg = exp.regularization
         return f"{exp.grid['arch']} ×{reg['width']:g}, seed {reg['seed']}; {data}. {done}"
+    if exp.kind == "interpolation":
+        sweep = exp.interpolation
+        return (f"{exp.grid['arch']}: n = {', '.join(f'{n:,}' for n in sorted(sweep['n_trains']))} at width "
+                f"{sweep['width']:g}, and widths {', '.join(f'{w:g}' for w in exp.grid['widths'])} at n = "
+                f"{sweep['n_train']:,}; seeds {', '.join(map(str, exp.grid['seeds']))}; {data}, "
+                f"{sweep['validation_fraction']:g} of the test images for validation; SGD {t['epochs']} epochs, "
+                f"batch {t['batch_size']}. {done}")
     grid = (f"{exp.grid['arch']} at widths {', '.join(f'{w:g}' for w in exp.grid['widths'])}; seeds "
             f"{', '.join(map(str, exp.grid['seeds']))}; {data}")
     if exp.kind == "compare":

@@ -10,6 +10,10 @@ Units of work, each ending in one record (``records.py``):
 - spectrum: (variant, "spectrum", width, seed): the singular values of J(w0, X) from K = J Jᵀ.
 - regularization: (variant, "<method>-path", width, seed): one ``solvers.solve_path`` per method
   (ridge λ, rsvd rank, cg iterations, sgd epochs) on one store, plus an ``lstsq`` reference.
+- interpolation: (variant, model or "solvers", width, seed, n_train) at every point of the n-sweep
+  and the width sweep (``interpolation.py``).
+
+Every path a unit writes (records, stores, checkpoints) is checked to lie inside the run directory.
 
 Before a unit runs, its record is looked up: a record with the same settings digest means the unit
 is done and is skipped; a record with another digest is an error naming the setting that changed.
@@ -51,6 +55,14 @@ def plan_units(exp: Experiment) -> list[Unit]:
         for label in labels:
             for seed in exp.grid["seeds"]:
                 units += [Unit(label, "spectrum", width, seed) for width in widths]
+    elif exp.kind == "interpolation":
+        from .interpolation import sweep_points
+
+        names = [*exp.grid["models"], "solvers"]
+        for label in labels:
+            for seed in exp.grid["seeds"]:
+                for width, n in sweep_points(exp):
+                    units += [Unit(label, name, width, seed, n) for name in names]
     else:
         reg = exp.regularization
         for label in labels:
@@ -90,6 +102,23 @@ class Runner:
             self._datasets[label] = load_dataset(name, data_root=self.data_root, **kwargs)
         return self._datasets[label]
 
+    def unit_dataset(self, unit: Unit):
+        """The data a unit trains and is tested on: its variant's, or an interpolation point's."""
+        if self.exp.kind == "interpolation":
+            from .interpolation import point_data
+
+            return point_data(self, unit)[0]
+        return self.dataset(unit.variant)
+
+    def inside(self, path: Path) -> Path:
+        """``path``, after checking that it lies inside the run directory (labels and names are plain
+        file names, ``config.PLAIN_NAME``; this is the check that holds whatever built the path)."""
+        root = self.run_dir.resolve()
+        if not path.resolve().is_relative_to(root):
+            raise ExperimentError(f"{path} lies outside the run directory {self.run_dir}; experiment names and "
+                                  f"variant labels must be plain file names")
+        return path
+
     # -- settings --------------------------------------------------------------------------------
     def hyperparameters(self, variant: str, model: str, width: float) -> tuple[dict, str]:
         if (variant, model, width) in self.selected:
@@ -111,6 +140,13 @@ class Runner:
         exp = self.exp
         out = {"experiment": exp.name, "kind": exp.kind, "unit": dataclasses.asdict(unit),
                "dataset": exp.variant_dataset(unit.variant), "arch": exp.grid["arch"]}
+        if exp.kind == "interpolation":
+            sweep = exp.interpolation
+            out["dataset"]["n_train"] = unit.n_train
+            out["validation_fraction"] = sweep["validation_fraction"]
+            if unit.name == "solvers":
+                out["solvers"] = {"lambdas": sweep["lambdas"], "cg_iterations": sweep["cg_iterations"],
+                                  "store_dtype": exp.solver["store_dtype"]}
         if unit.name in MODEL_KINDS or unit.name == "sgd":
             model = "linearized" if unit.name == "sgd" else unit.name
             hyper, source = self.hyperparameters(unit.variant, model, unit.width)
@@ -150,7 +186,7 @@ class Runner:
 
     def _check_record(self, unit: Unit) -> dict | None:
         """The unit's finished record when its settings match; None when there is none; else an error."""
-        path = self.run_dir / "records" / f"{unit.key}.json"
+        path = self.inside(self.run_dir / "records" / f"{unit.key}.json")
         settings = self.settings(unit)
         existing = read_record(path)
         if existing is None or existing.get("settings_digest") == settings_digest(settings):
@@ -165,7 +201,10 @@ class Runner:
             return existing
         path = self.run_dir / "records" / f"{unit.key}.json"
         settings = self.settings(unit)
-        run = {"standard": self._run_model, "linearized": self._run_model, "spectrum": self._run_spectrum}.get(
+        from .interpolation import run_solvers
+
+        run = {"standard": self._run_model, "linearized": self._run_model, "spectrum": self._run_spectrum,
+               "solvers": lambda unit, settings: run_solvers(self, unit)}.get(
             unit.name, self._run_path if unit.name.endswith("-path") else self._run_solver)
         with Clock() as clock:
             metrics, extra = run(unit, settings)
@@ -191,10 +230,10 @@ class Runner:
     def _run_model(self, unit: Unit, settings: dict):
         from study.train import CHECKPOINT_NAME, train
 
-        dataset = self.dataset(unit.variant)
+        dataset = self.unit_dataset(unit)
         hyper, _ = self.hyperparameters(unit.variant, unit.name, unit.width)
         config = self.train_config(unit, unit.name, hyper)
-        train_dir = self.run_dir / "train" / unit.key
+        train_dir = self.inside(self.run_dir / "train" / unit.key)
         result = train(config, dataset, unit.name, run_dir=train_dir, resume=True, progress=self.progress)
         if not self.keep_checkpoints:
             (train_dir / CHECKPOINT_NAME).unlink(missing_ok=True)
@@ -209,8 +248,9 @@ class Runner:
 
     def store_path(self, unit: Unit, test_jacobian: bool = False) -> Path:
         suffix = "-test" if test_jacobian else ""
-        name = f"{unit.variant}__{self.exp.grid['arch']}-w{unit.width:g}-s{unit.seed}-{self.exp.solver['store_dtype']}"
-        return self.run_dir / "stores" / f"{name}{suffix}.h5"
+        n = "" if unit.n_train is None else f"-n{unit.n_train}"
+        name = f"{unit.variant}__{self.exp.grid['arch']}-w{unit.width:g}-s{unit.seed}{n}-{self.exp.solver['store_dtype']}"
+        return self.inside(self.run_dir / "stores" / f"{name}{suffix}.h5")
 
     def _build_store(self, unit: Unit, test_jacobian: bool = False) -> tuple[Path, float]:
         from jacobian_store.build import BuildSpec, build_store
@@ -219,7 +259,7 @@ class Runner:
         spec = BuildSpec(arch=self.exp.grid["arch"], width=unit.width, seed=unit.seed,
                          dtype=self.exp.solver["store_dtype"], test_jacobian=test_jacobian)
         with Clock() as clock:
-            build_store(path, spec, self.dataset(unit.variant), device=self.device, progress=self.progress,
+            build_store(path, spec, self.unit_dataset(unit), device=self.device, progress=self.progress,
                         command=f"bin/study {self.exp.name} --preset {self.exp.preset}")
         return path, clock.seconds
 
