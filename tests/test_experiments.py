@@ -265,3 +265,87 @@ def test_demo_runs_on_digits(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "lstsq (exact) test" in text and "| 0.5 | 1 |" in text
     assert (tmp_path / "figures" / "accuracy.png").is_file() and (tmp_path / "figures" / "gap.png").is_file()
+
+
+# ------------------------------------------------------------------------------------------------
+# bad input: exit 2, one line naming the problem and the fix, no traceback, nothing changed
+
+
+def _toml(path, **dataset):
+    data = {"name": "digits", "binary": 0, "n_train": 20, "n_test": 10, **dataset}
+    lines = [f"{k} = {v!r}".replace("'", '"') for k, v in data.items()]
+    path.write_text('[experiment]\nname = "mine"\nkind = "compare"\n[dataset]\n' + "\n".join(lines) +
+                    '\n[grid]\nwidths = [0.5]\nmodels = ["standard"]\n[train]\nepochs = 1\ndevice = "cpu"\n')
+    return path
+
+
+def _read_only(tmp_path):
+    folder = tmp_path / "locked"
+    folder.mkdir()
+    folder.chmod(0o500)
+    return folder / "run"
+
+
+BAD_INPUT = [
+    ("study", lambda t: [str(_toml(t / "a.toml", n_train=-3)), "--out", str(t / "r")],
+     ["dataset.n_train must be a positive integer", "got -3"]),
+    ("study", lambda t: [str(_toml(t / "a.toml", n_test="some")), "--out", str(t / "r")],
+     ["dataset.n_test must be a positive integer or \"all\""]),
+    ("study", lambda t: [str(_toml(t / "a.toml")), "--out", str(_read_only(t))], ["cannot be written", "choose another --out"]),
+    ("study", lambda t: [str(_toml(t / "a.toml")), "--out", str(t / "a.toml")], ["is not a directory", "choose another --out"]),
+    ("demo", lambda t: ["--widths", "0", "--out", str(t / "r")], ["--widths must be positive, got 0.0", "e.g. --widths 1 4"]),
+    ("demo", lambda t: ["--n-train", "-3", "--out", str(t / "r")], ["--n-train must be positive, got -3"]),
+    ("demo", lambda t: ["--widths", "nan", "--out", str(t / "r")], ["--widths must be positive, got nan"]),
+    ("demo", lambda t: ["--n-train", "5000", "--out", str(t / "r")], ["n_train=5000", "more than the"]),
+    ("demo", lambda t: ["--out", str(_read_only(t))], ["cannot be written", "choose another --out"]),
+]
+
+
+@pytest.mark.parametrize("command, argv, expected", BAD_INPUT)
+def test_bad_input_exits_2_with_one_line_and_changes_nothing(tmp_path, capsys, command, argv, expected):
+    import os
+
+    if os.geteuid() == 0 and any("cannot be written" in e for e in expected):
+        pytest.skip("root writes into read-only folders")
+    args = argv(tmp_path)
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    rc = (cli.main if command == "study" else demo.main)([*args, "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    for text in expected:
+        assert text in err
+    assert {p: p.read_bytes() for p in before} == before
+
+
+def test_changed_setting_on_an_existing_run_is_one_line_naming_it(tmp_path, capsys):
+    config = _toml(tmp_path / "a.toml")
+    out = tmp_path / "run"
+    assert cli.main([str(config), "--out", str(out), "--quiet", "--no-figures"]) == 0
+    capsys.readouterr()
+    config.write_text(config.read_text().replace("epochs = 1", "epochs = 2"))
+    records = {p: p.read_bytes() for p in (out / "records").iterdir()}
+    assert cli.main([str(config), "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "train.epochs was 1, now 2" in err and "use another --out" in err
+    assert {p: p.read_bytes() for p in (out / "records").iterdir()} == records
+
+
+@pytest.mark.parametrize("table, value, message", [
+    ("variants", [{"label": "../../escaped", "name": "digits"}], "variants.label '../../escaped' is not a plain file name"),
+    ("experiment", {"name": "../../../x", "kind": "compare"}, "experiment.name '../../../x' is not a plain file name"),
+    ("variants", [{"label": ".", "name": "digits"}], "is not a plain file name"),
+])
+def test_names_that_are_not_plain_file_names_are_refused(table, value, message):
+    with pytest.raises(ConfigError, match="plain file name") as err:
+        resolve({**TINY, table: value}, "cpu", source="bad.toml")
+    assert message in str(err.value)
+
+
+def test_every_path_a_run_writes_is_checked_inside_the_run_directory(tmp_path):
+    runner = Runner(tiny(), tmp_path / "run")
+    unit = plan_units(runner.exp)[0]
+    assert runner.store_path(unit).is_relative_to(tmp_path / "run")
+    escaped = type(unit)("../../escaped", unit.name, unit.width, unit.seed)  # a label the config would refuse
+    with pytest.raises(ExperimentError, match="outside the run directory"):
+        runner.store_path(escaped)

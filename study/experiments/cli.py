@@ -14,6 +14,8 @@ import textwrap
 import time
 from pathlib import Path
 
+from study.data import DatasetError
+
 from .config import PRESETS, ConfigError, available_experiments, load_experiment
 from .report import write_report
 from .runner import ExperimentError, Runner
@@ -99,15 +101,17 @@ def main(argv: list[str] | None = None) -> int:
         out = args.out or Path("runs") / f"{exp.name}-{exp.preset}"
         if args.report_only:
             return _report(out, args)
+        runner = Runner(exp, out, data_root=args.data_root, device=args.device, progress=not args.quiet,
+                        keep_checkpoints=args.keep_checkpoints)
+        runner.check(records=not args.search)  # a search first chooses the settings the records hold
         print(f"{exp.name} [{exp.preset}] → {out}", file=sys.stderr)
         if exp.expected_cost:
             print(f"expected cost: {exp.expected_cost}", file=sys.stderr)
         start = time.perf_counter()
-        Runner(exp, out, data_root=args.data_root, device=args.device, progress=not args.quiet,
-               keep_checkpoints=args.keep_checkpoints).run(search=args.search)
+        runner.run(search=args.search)
         print(f"finished in {(time.perf_counter() - start) / 60:.1f} min", file=sys.stderr)
         return _report(out, args)
-    except (ConfigError, ExperimentError, FileNotFoundError) as err:
+    except (ConfigError, ExperimentError, FileNotFoundError, DatasetError) as err:
         print(f"bin/study: error: {err}", file=sys.stderr)
         return 2
 

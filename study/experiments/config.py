@@ -337,15 +337,16 @@ def _check_values(e: Experiment, source: str) -> None:
         if name not in DATASETS:
             fail(f"dataset name {name!r} is unknown; known datasets: {', '.join(DATASETS)}")
     for key in ("n_train", "n_test"):
-        value = e.dataset[key]
-        if isinstance(value, str) and value != "all":
-            fail(f"dataset.{key} must be a positive integer or \"all\", got {value!r}")
+        for variant in e.variants:
+            value = {**e.dataset, **variant}[key]
+            if value != "all" and not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+                fail(f"dataset.{key} must be a positive integer or \"all\" (every sample), got {value!r}")
     grid = e.grid
     if grid["arch"] not in available_models():
         fail(f"grid.arch {grid['arch']!r} is unknown; known architectures: {', '.join(available_models())}")
     if not grid["widths"] or not all(isinstance(w, _NUMBER) and not isinstance(w, bool) and w > 0
                                      for w in grid["widths"]):
-        fail(f"grid.widths must be a non-empty list of positive numbers, got {grid['widths']!r}")
+        fail(f"grid.widths must be a non-empty list of positive numbers (e.g. [1, 2, 4]), got {grid['widths']!r}")
     if not grid["seeds"] or not all(isinstance(s, int) and s >= 0 for s in grid["seeds"]):
         fail(f"grid.seeds must be a non-empty list of non-negative integers, got {grid['seeds']!r}")
     for model in grid["models"]:

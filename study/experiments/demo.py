@@ -9,13 +9,16 @@ Prints the Markdown table and writes the figures; a few minutes on a laptop CPU.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
 
-from .config import resolve
+from study.data import DatasetError
+
+from .config import ConfigError, resolve
 from .report import write_report
-from .runner import Runner
+from .runner import ExperimentError, Runner
 
 DEMO = {
     "experiment": {"name": "demo", "kind": "compare",
@@ -26,6 +29,8 @@ DEMO = {
              "solvers": ["lstsq"]},
     "train": {"epochs": 3, "lr": 0.1, "weight_decay": 5e-5, "batch_size": 32, "momentum": 0.9},
 }
+
+DEFAULTS_SHOWN = {"--widths": "1 4", "--seeds": "0", "--epochs": "3", "--n-train": "500"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,12 +45,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default=None, help="'auto', 'cpu', 'cuda' (default: auto)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
+    checks = {"--widths": (args.widths, 0.0), "--epochs": ([args.epochs], 0), "--n-train": ([args.n_train], 0),
+              "--seeds": (args.seeds, -1)}  # (values, a bound each value must exceed)
+    for option, (values, bound) in checks.items():
+        if not all(math.isfinite(v) and v > bound for v in values):
+            what = "non-negative" if bound < 0 else "positive"
+            print(f"bin/demo: error: {option} must be {what}, got {' '.join(map(str, values))}; e.g. "
+                  f"{option} {DEFAULTS_SHOWN[option]}", file=sys.stderr)
+            return 2
     widths = [int(w) if float(w).is_integer() else w for w in args.widths]
     overrides = {"grid": {"widths": widths, "seeds": args.seeds}, "train": {"epochs": args.epochs},
                  "dataset": {"n_train": args.n_train}}
-    exp = resolve(DEMO, "cpu", source="bin/demo", overrides=overrides)
     start = time.perf_counter()
-    Runner(exp, args.out, device=args.device, progress=not args.quiet).run()
+    try:
+        exp = resolve(DEMO, "cpu", source="bin/demo (options)", overrides=overrides)
+        Runner(exp, args.out, device=args.device, progress=not args.quiet).run()
+    except (ConfigError, ExperimentError, DatasetError) as err:
+        print(f"bin/demo: error: {err}", file=sys.stderr)
+        return 2
     text, paths = write_report(args.out)
     print(text, end="")
     print(f"demo finished in {(time.perf_counter() - start) / 60:.1f} min; report {args.out / 'report.md'}", file=sys.stderr)

@@ -50,8 +50,8 @@ def point_data(runner, unit):
     validation part and the test part every method is scored on."""
     from study.data import Dataset, Split
 
-    key = (unit.variant, unit.n_train)
-    if key not in runner._datasets:
+    key = ("point", unit.variant, unit.n_train)
+    if key not in runner._cache:
         from study.data import load_dataset
 
         kwargs = runner.exp.variant_dataset(unit.variant)
@@ -77,8 +77,8 @@ def point_data(runner, unit):
         scored = Dataset(name=dataset.name, train=dataset.train, test=take(order[n_val:]), n_outputs=dataset.n_outputs,
                          in_channels=dataset.in_channels, image_size=dataset.image_size,
                          class_names=list(dataset.class_names), spec=spec)
-        runner._datasets[key] = (scored, take(order[:n_val]))
-    return runner._datasets[key]
+        runner._cache[key] = (scored, take(order[:n_val]))
+    return runner._cache[key]
 
 
 def _scores(outputs: np.ndarray, targets) -> tuple[float, float]:
@@ -91,7 +91,6 @@ def _scores(outputs: np.ndarray, targets) -> tuple[float, float]:
 
 def run_solvers(runner, unit):
     """The ``solvers`` unit of a point (module docstring): metrics and the two paths."""
-    from jacobian_store.functional import linearized_outputs
     from jacobian_store.store import JacobianStore
     from solvers import solve_path
     from solvers.gcv import gcv
@@ -119,14 +118,14 @@ def run_solvers(runner, unit):
     spectrum = spectrum_metrics(sigma, shape)
     kept = sigma[sigma > spectrum["cutoff"]]
     scores = gcv(kept ** 2, shape[0], [res.residual_norm for res in ridge], lambdas)
-    x_eval = torch.cat([val.x, dataset.test.x])
-    first = next(model.parameters())
+    f0_eval, J_eval = _evaluation_jacobian(runner, unit, model, torch.cat([val.x, dataset.test.x]))
+    results = [*ridge, *cg]
+    outputs = f0_eval[:, None] + J_eval @ np.stack([np.asarray(res.u, dtype=np.float64) for res in results], axis=1)
+    column = {id(res): j for j, res in enumerate(results)}
 
     def point(result, value, **extra):
         train_acc, train_loss = _scores(f0 + np.asarray(result.fitted), dataset.train.targets)
-        _, out = linearized_outputs(model, torch.from_numpy(np.asarray(result.u)).to(first.dtype), x_eval,
-                                    batch_size=runner.exp.train["eval_batch_size"])
-        out = out.double().numpy()
+        out = outputs[:, column[id(result)]].reshape(-1, dataset.n_outputs)
         val_acc, val_loss = _scores(out[:len(val.x)], val.targets)
         test_acc, test_loss = _scores(out[len(val.x):], dataset.test.targets)
         return {"value": value, "train_acc": train_acc, "val_acc": val_acc, "test_acc": test_acc,
@@ -152,6 +151,26 @@ def run_solvers(runner, unit):
                "solve_seconds": clock.seconds}
     metrics["ridge_gcv"]["gcv"] = ridge_gcv["gcv"]
     return metrics, {"store": str(path.relative_to(runner.run_dir)), "singular_values": sigma.tolist()}
+
+
+def _evaluation_jacobian(runner, unit, model, x_eval) -> tuple[np.ndarray, np.ndarray]:
+    """(f(w0, x), J(x)) on the validation and test images, flattened sample-major: the same for every
+    n at one (width, seed), so computed once and kept; every solution's outputs are then f0 + J U."""
+    from jacobian_store.functional import initial_parameters, jacobian_rows
+
+    key = ("evaluation", unit.variant, unit.width, unit.seed)
+    if key not in runner._cache:
+        params = initial_parameters(model)
+        device = next(iter(params.values())).device
+        batch = runner.exp.train["eval_batch_size"]
+        f0_parts, J_parts = [], []
+        for start in range(0, x_eval.shape[0], batch):
+            xb = x_eval[start:start + batch].to(device)
+            with torch.no_grad():
+                f0_parts.append(model(xb).double().cpu())
+            J_parts.append(jacobian_rows(model, params, xb).cpu())
+        runner._cache[key] = (torch.cat(f0_parts).numpy().reshape(-1), torch.cat(J_parts).numpy())
+    return runner._cache[key]
 
 
 def with_reference_rank(exp, records: list[dict]) -> list[dict]:

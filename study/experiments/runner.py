@@ -21,6 +21,7 @@ is done and is skipped; a record with another digest is an error naming the sett
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 from pathlib import Path
 
@@ -87,6 +88,7 @@ class Runner:
         self.progress = progress
         self.keep_checkpoints = keep_checkpoints
         self._datasets: dict[str, object] = {}
+        self._cache: dict[tuple, object] = {}  # interpolation: point datasets, evaluation Jacobians
         self.selected: dict[tuple, dict] = {}  # (variant, model, width) → hyperparameters from --search
 
     # -- data ------------------------------------------------------------------------------------
@@ -109,6 +111,24 @@ class Runner:
 
             return point_data(self, unit)[0]
         return self.dataset(unit.variant)
+
+    def check(self, records: bool = True) -> None:
+        """Refuse, before anything is written, a run directory that cannot be written or (``records``)
+        whose records were made with other settings, so a refused run leaves the directory as it was."""
+        self._check_writable()
+        for unit in plan_units(self.exp) if records else []:
+            self._check_record(unit)
+
+    def _check_writable(self) -> None:
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            probe = self.run_dir / f".write-test-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as err:
+            problem = "is not a directory" if self.run_dir.exists() and not self.run_dir.is_dir() else \
+                f"cannot be written ({err.strerror or err})"
+            raise ExperimentError(f"run directory {self.run_dir} {problem}; choose another --out") from None
 
     def inside(self, path: Path) -> Path:
         """``path``, after checking that it lies inside the run directory (labels and names are plain
@@ -166,7 +186,7 @@ class Runner:
     # -- the grid --------------------------------------------------------------------------------
     def run(self, search: bool = False) -> list[dict]:
         """Run every unit not yet finished; returns all records of the run directory."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.check(records=False)  # records are checked once the search has chosen the hyperparameters
         if search:
             from .search import run_search
 
@@ -175,8 +195,7 @@ class Runner:
                                       f"{self.exp.kind} experiment with nothing to tune")
             self.selected = run_search(self)
         units = plan_units(self.exp)
-        for unit in units:  # refuse before anything is written, so a refused run leaves the directory as it was
-            self._check_record(unit)
+        self.check()
         write_json_atomic(self.run_dir / "experiment.json", self.exp.to_dict())
         bar = progress_bar(units, desc=f"{self.exp.name} [{self.exp.preset}]", unit="unit", enabled=self.progress)
         for unit in bar:
