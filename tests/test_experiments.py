@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from study.experiments import (ConfigError, ExperimentError, Runner, available_experiments, load_experiment,
+from study.experiments import (ConfigError, ExperimentError, Runner, available_experiments, load_experiment, write_report,
                                plan_units, resolve)
 from study.experiments import cli, demo
 from study.experiments.search import select, validation_dataset
@@ -349,3 +349,57 @@ def test_every_path_a_run_writes_is_checked_inside_the_run_directory(tmp_path):
     escaped = type(unit)("../../escaped", unit.name, unit.width, unit.seed)  # a label the config would refuse
     with pytest.raises(ExperimentError, match="outside the run directory"):
         runner.store_path(escaped)
+
+
+# ------------------------------------------------------------------------------------------------
+# interpolation
+
+
+TINY_INTERPOLATION = {
+    "experiment": {"name": "tiny-interpolation", "kind": "interpolation"},
+    "dataset": {"name": "digits", "binary": 0, "n_test": 60},
+    "grid": {"arch": "lenet", "widths": [0.125, 0.25], "seeds": [0], "models": ["linearized"]},
+    "train": {"epochs": 1, "lr": 0.05, "batch_size": 16, "device": "cpu"},
+    "interpolation": {"width": 0.125, "n_trains": [20, 120], "n_train": 20, "lambdas": [0.01, 1.0],
+                      "cg_iterations": [2, 5], "validation_fraction": 0.5},
+    "claims": [{"claim": "lstsq interpolates at the smallest n", "kind": "compare", "a": "solvers.lstsq.train_acc",
+                "op": ">=", "b": 1.0, "along": "n_train", "at": "smallest"},
+               {"claim": "rank rises with width", "kind": "trend", "a": "solvers.numerical_rank",
+                "direction": "increases"}],
+}
+
+
+def test_interpolation_points_solvers_and_claims(tmp_path):
+    from jacobian_store.store import JacobianStore
+    from solvers import solve
+
+    exp = resolve(TINY_INTERPOLATION, "cpu", source="test")
+    units = plan_units(exp)
+    assert [(u.name, u.width, u.n_train) for u in units] == [
+        ("linearized", 0.125, 20), ("solvers", 0.125, 20), ("linearized", 0.125, 120), ("solvers", 0.125, 120),
+        ("linearized", 0.25, 20), ("solvers", 0.25, 20)]
+    runner = Runner(exp, tmp_path / "run", progress=False)
+    records = {r["key"]: r for r in runner.run()}
+    point = records["digits__solvers__w0.125__s0__n20"]["metrics"]
+    assert point["n_rows"] == 20 and point["numerical_rank"] == 20  # 20 rows of a 1,014-column J: full row rank
+    # the λ = 0 point of the ridge path is the minimum-norm lstsq solution
+    with JacobianStore.open(tmp_path / "run" / records["digits__solvers__w0.125__s0__n20"]["store"]) as store:
+        lstsq = solve(store.train_J, store.residual(), "lstsq", device="cpu")
+    assert np.isclose(point["lstsq"]["u_norm"], lstsq.u_norm, rtol=1e-8)
+    assert point["lstsq"]["train_acc"] == 1.0
+    assert point["ridge_val"]["lambda"] in (0.01, 1.0) and point["cg_val"]["iterations"] in (2, 5)
+    assert [p["value"] for p in point["ridge_path"]] == [0.0, 0.01, 1.0]
+    # validation and test images: disjoint halves of the 60 test images
+    dataset, val = runner._cache[("point", "digits", 20)]
+    assert len(val.indices) == 30 and len(dataset.test.indices) == 30
+    assert not set(val.indices) & set(dataset.test.indices)
+    text, paths = write_report(tmp_path / "run")
+    assert {p.name for p in paths} == {"threshold.png", "width_sweep.png", "threshold_paths.png"}
+    assert "n-sweep at width 0.125" in text and "width sweep at n = 20" in text
+    claims = json.loads((tmp_path / "run" / "claims.json").read_text())
+    assert [c["verdict"] for c in claims] == ["holds", "holds"]
+    assert "1 seed: spread unknown" in claims[0]["evidence"]
+    # a finished grid resumes without recomputing
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "run" / "records").iterdir()}
+    Runner(exp, tmp_path / "run", progress=False).run()
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "run" / "records").iterdir()} == before

@@ -315,11 +315,10 @@ class Runner:
         return metrics, {"store": str(path.relative_to(self.run_dir))}
 
     def _run_lstsq_gram(self, unit: Unit):
-        """Minimum-norm least squares from K = J Jᵀ alone: α = K⁺ r, u = Jᵀ α never formed;
-        train outputs f0 + K α and test outputs f0(x) + K(x, X) α."""
+        """Minimum-norm least squares from K = J Jᵀ alone (``solvers.gcv.gram_path`` at λ = 0): α = K⁺ r,
+        u = Jᵀ α never formed; train outputs f0 + K α and test outputs f0(x) + K(x, X) α."""
         from jacobian_store.gram import cross_gram_matrix, gram_matrix
-
-        from .spectra import singular_value_cutoff
+        from solvers.gcv import gram_path
 
         dataset = self.dataset(unit.variant)
         model = self._initial_model(unit)
@@ -330,28 +329,21 @@ class Runner:
         n_params = sum(p.numel() for p in model.parameters())
         with Clock() as clock:
             K = gram_matrix(model, dataset.train.x, device=str(self._torch_device()), progress=self.progress)
-            w, V = np.linalg.eigh(K)
-            w, V = w[::-1], V[:, ::-1]
-            sigma = np.sqrt(np.clip(w, 0.0, None))
-            rcond = self.exp.solver["lstsq"].get("rcond")
-            cutoff = rcond * sigma[0] if rcond else singular_value_cutoff(sigma, (K.shape[0], n_params))
-            keep = sigma > cutoff
-            c = V.T @ r
-            alpha = V[:, keep] @ (c[keep] / w[keep])
-            fitted = V[:, keep] @ c[keep]
+            # J's dtype is the model's (float32): its storage rounding sets the cut-off's second term
+            path = gram_path(K, r, [0.0], n_parameters=n_params, dtype=np.float32,
+                             rcond=self.exp.solver["lstsq"].get("rcond"))
+            fit = path.fits[0]
             del K
             K_test = cross_gram_matrix(model, dataset.test.x, dataset.train.x, device=str(self._torch_device()),
                                        progress=self.progress)
-            test_fit = K_test @ alpha
+            test_fit = K_test @ fit.alpha
         n_out = dataset.n_outputs
-        train_out = f0_train + fitted.reshape(-1, n_out)
+        train_out = f0_train + fit.fitted.reshape(-1, n_out)
         test_out = f0_test + test_fit.reshape(-1, n_out)
         metrics = self._accuracy_metrics(train_out, test_out, unit)
-        residual = float(np.linalg.norm(fitted - r))
-        metrics.update(method="lstsq", form="gram", converged=True, residual_norm=residual,
-                       relative_residual=residual / max(float(np.linalg.norm(r)), 1e-300),
-                       u_norm=float(np.sqrt((c[keep] ** 2 / w[keep]).sum())),  # ‖u‖² = αᵀ K α
-                       rank=int(keep.sum()), cutoff=float(cutoff), solve_seconds=clock.seconds, n_parameters=n_params)
+        metrics.update(method="lstsq", form="gram", converged=True, residual_norm=fit.residual_norm,
+                       relative_residual=fit.relative_residual, u_norm=fit.u_norm, rank=path.rank,
+                       cutoff=path.cutoff, solve_seconds=clock.seconds, n_parameters=n_params)
         return metrics, {}
 
     def _initial_model(self, unit: Unit):
@@ -384,6 +376,7 @@ class Runner:
 
     def _run_spectrum(self, unit: Unit, settings: dict):
         from jacobian_store.gram import gram_matrix
+        from study.spectrum import singular_values_from_gram
 
         from .spectra import spectrum_metrics
 
@@ -393,8 +386,7 @@ class Runner:
         with Clock() as clock:
             K = gram_matrix(model, dataset.train.x, method=self.exp.spectrum["method"],
                             device=str(self._torch_device()), progress=self.progress)
-            eigenvalues = np.linalg.eigvalsh(K)[::-1]
-        singular_values = np.sqrt(np.clip(eigenvalues, 0.0, None))
+            singular_values = singular_values_from_gram(K)
         metrics = spectrum_metrics(singular_values, (K.shape[0], n_params))
         metrics.update(n_parameters=n_params, n_rows=int(K.shape[0]), gram_seconds=clock.seconds)
         return metrics, {"singular_values": singular_values.tolist()}
