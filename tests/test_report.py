@@ -120,3 +120,25 @@ def test_records_are_written_atomically(tmp_path):
     write_json_atomic(path, {"x": np.float64(1.5), "y": np.arange(3)})
     assert json.loads(path.read_text()) == {"x": 1.5, "y": [0, 1, 2]}
     assert [p.name for p in path.parent.iterdir()] == ["a.json"]
+
+
+def test_findings_page_from_run_directories_keeps_the_written_account(tmp_path):
+    from study.experiments import cli
+
+    raw = {**COMPARE, "claims": [{"claim": "standard beats lstsq", "kind": "compare", "a": "standard.test_acc",
+                                  "op": ">", "b": "lstsq.test_acc"}]}
+    run = tmp_path / "runs" / "fake-cpu"
+    write_run(run, raw, [(("digits", name, w, s), acc(1.0, 0.95 if name == "standard" else 0.9), {})
+                         for name in ("standard", "lstsq") for w in (1, 2) for s in (0, 1, 2)])
+    page = tmp_path / "docs" / "findings.md"
+    assert cli.main(["findings", str(run), "--findings-out", str(page)]) == 0
+    text = page.read_text()
+    assert "| fake | standard beats lstsq | **holds** |" in text
+    assert "![fake: accuracy](figures/findings/fake-cpu-accuracy.png)" in text
+    assert (tmp_path / "docs" / "figures" / "findings" / "fake-cpu-accuracy.png").stat().st_size > 0
+    # the account written around the generated part survives a regeneration
+    page.write_text("# Findings\n\nWhat holds and why.\n\n" + text.split("# Findings\n\n", 1)[1] + "\nMore prose.\n")
+    assert cli.main(["findings", str(run), "--findings-out", str(page)]) == 0
+    again = page.read_text()
+    assert again.startswith("# Findings\n\nWhat holds and why.") and again.rstrip().endswith("More prose.")
+    assert again.count("## Verdicts") == 1

@@ -4,6 +4,7 @@
     bin/study binary-mnist --preset cpu --out runs/binary-mnist --data-root ../shared/data
     bin/study binary-mnist --preset cpu --out runs/binary-mnist --report-only
     bin/study report runs/binary-mnist
+    bin/study findings runs/interpolation-cpu runs/binary-mnist --findings-out docs/findings.md
     bin/study path/to/custom.toml --preset cpu --out runs/custom
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 from study.data import DatasetError
 
 from .config import PRESETS, ConfigError, available_experiments, load_experiment
+from .findings import write_findings
 from .report import write_report
 from .runner import ExperimentError, Runner
 
@@ -36,9 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
               bin/study report runs/binary-mnist          (report from the run directory alone)
               bin/study my-experiment.toml --preset cpu --out runs/mine"""))
     parser.add_argument("experiment", nargs="?",
-                        help="a shipped experiment name (see --list), a path to a .toml file, or 'report' "
-                             "followed by a run directory")
-    parser.add_argument("run_dir", nargs="?", type=Path, help="with 'report': the run directory to report on")
+                        help="a shipped experiment name (see --list), a path to a .toml file, 'report' followed "
+                             "by a run directory, or 'findings' followed by run directories")
+    parser.add_argument("run_dirs", nargs="*", type=Path,
+                        help="with 'report': the run directory to report on; with 'findings': the run directories")
+    parser.add_argument("--findings-out", type=Path, default=Path("docs/findings.md"), metavar="FILE",
+                        help="with 'findings': the page to write or update (default: docs/findings.md)")
     parser.add_argument("--list", action="store_true", help="list the shipped experiments and their presets")
     parser.add_argument("--preset", default="cpu", choices=PRESETS,
                         help="cpu: a reduced grid that finishes in well under an hour on a CPU; paper: the full "
@@ -92,11 +97,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("name an experiment (see --list), or 'report RUN_DIR'")
     try:
         if args.experiment == "report":
-            if args.run_dir is None:
-                parser.error("'report' needs the run directory: bin/study report runs/<name>")
-            return _report(args.run_dir, args)
-        if args.run_dir is not None:
-            parser.error(f"unexpected argument {args.run_dir}; use --out to choose the run directory")
+            if len(args.run_dirs) != 1:
+                parser.error("'report' needs one run directory: bin/study report runs/<name>")
+            return _report(args.run_dirs[0], args)
+        if args.experiment == "findings":
+            if not args.run_dirs:
+                parser.error("'findings' needs run directories: bin/study findings runs/<name> …")
+            write_findings(args.run_dirs, args.findings_out)
+            print(f"findings: {args.findings_out}", file=sys.stderr)
+            return 0
+        if args.run_dirs:
+            parser.error(f"unexpected argument {args.run_dirs[0]}; use --out to choose the run directory")
         exp = load_experiment(args.experiment, args.preset)
         out = args.out or Path("runs") / f"{exp.name}-{exp.preset}"
         if args.report_only:
