@@ -215,3 +215,15 @@ def test_expression_parsing():
     assert (term.variant, term.unit, term.metric) == ("mnist-shifted", "standard", "test_acc")
     a, b = parse_expression("solvers.lstsq.u_norm - solvers.ridge_val.u_norm")
     assert a.metric == "lstsq.u_norm" and b.metric == "ridge_val.u_norm"
+
+
+def test_b_at_compares_each_point_with_one_point_of_b():
+    # "a wide linearization beats the narrowest standard net": linearized at width 4 vs standard at width 1
+    records = grid(STANDARD_WINS)
+    claim = {"claim": "wide linearization beats narrow standard", "kind": "compare", "a": "linearized.test_acc",
+             "op": ">", "b": "standard.test_acc", "at": "largest", "b_at": "smallest"}
+    result = verdict(claim, records)
+    assert result["verdict"] == "holds" and "b (width 1) = 0.91" in result["evidence"]
+    assert verdict({**claim, "at": "smallest"}, records)["verdict"] == "fails"
+    with pytest.raises(ConfigError, match="b_at picks one point"):
+        experiment([{**claim, "b": 0.5}])

@@ -9,6 +9,7 @@ An experiment file lists its claims as ``[[claims]]`` tables (a preset may repla
     op = ">"                              # >, >=, <, <=
     b = "linearized.test_acc"             # another expression, or a number ("lstsq.train_acc >= 1.0")
     at = "every"                          # which points of the sweep (below); compare only
+    b_at = "smallest"                     # optional: b at this one point, against a at each of at's
     along = "width"                       # the sweep: "width" (default) or "n_train"
     margin = 0.0                          # the smallest difference that counts (metric units)
 
@@ -25,7 +26,9 @@ must hold at each point), ``"smallest"``, ``"largest"``, a number (that axis val
 
 **Kinds**, each reducing the records to one number d_s per seed s:
 
-- ``compare``: d_s = a_s − b_s at a point; the claim is ``d op margin`` (``<``: −d > margin).
+- ``compare``: d_s = a_s − b_s at a point; the claim is ``d op margin`` (``<``: −d > margin). With
+  ``b_at``, b is taken at that one point (e.g. "a wide linearization beats the narrowest standard
+  net": a = linearized.test_acc at "largest", b = standard.test_acc, b_at = "smallest").
 - ``trend``: ``direction = "increases" | "decreases"``: d_s = the least-squares slope of a_s against
   log(axis) over the points (every point where seed s has a value; at least two).
 - ``drop``: d_s = the largest fall of a_s along the axis, max over i < j of a_s(x_i) − a_s(x_j)
@@ -58,7 +61,7 @@ HOLDS, FAILS, INCONCLUSIVE = "holds", "fails", "inconclusive"
 
 # Keys of a [[claims]] table and their types; "claim", "kind" and "a" are required.
 CLAIM_KEYS = {"claim": (str,), "kind": (str,), "a": (str,), "op": (str,), "b": (str, int, float),
-              "at": (str, int, float), "along": (str,), "margin": (int, float), "direction": (str,),
+              "at": (str, int, float), "b_at": (str, int, float), "along": (str,), "margin": (int, float), "direction": (str,),
               "extreme": (str,), "x": (str,), "within": (list,)}
 
 _MODEL_METRICS = ("train_acc", "test_acc", "train_loss", "test_loss", "distance", "w0_norm", "n_parameters",
@@ -159,13 +162,16 @@ def validate_claims(exp) -> None:
             if len(w) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in w) or w[0] > w[1]:
                 raise ClaimError(f"{where}: within must be [lo, hi] with lo ≤ hi, got {w!r}")
         expressions = [claim["a"]] + [claim[k] for k in ("b", "x") if isinstance(claim.get(k), str)]
-        at = claim.get("at", "every")
-        if isinstance(at, str) and at not in ("every", "smallest", "largest"):
-            extreme, colon, expression = at.partition(":")
-            if extreme not in ("argmin", "argmax") or not colon:
-                raise ClaimError(f"{where}: at must be 'every', 'smallest', 'largest', an axis value, or "
-                                 f"'argmin:EXPR' / 'argmax:EXPR'; got {at!r}")
-            expressions.append(expression)
+        if "b_at" in claim and (kind != "compare" or not isinstance(claim["b"], str) or claim["b_at"] == "every"):
+            raise ClaimError(f"{where}: b_at picks one point of the expression b of a compare claim")
+        for key in ("at", "b_at"):
+            at = claim.get(key, "every")
+            if isinstance(at, str) and at not in ("every", "smallest", "largest"):
+                extreme, colon, expression = at.partition(":")
+                if extreme not in ("argmin", "argmax") or not colon:
+                    raise ClaimError(f"{where}: {key} must be 'every', 'smallest', 'largest', an axis value, or "
+                                     f"'argmin:EXPR' / 'argmax:EXPR'; got {at!r}")
+                expressions.append(expression)
         for text in expressions:
             try:
                 terms = parse_expression(text)
@@ -271,8 +277,8 @@ def _fmt_x(along: str, x) -> str:
     return f"{'n' if along == 'n_train' else 'width'} {x:g}"
 
 
-def _points(claim: dict, data: _Data, a_series: dict, variant: str) -> list:
-    at = claim.get("at", "every")
+def _points(claim: dict, data: _Data, a_series: dict, variant: str, key: str = "at") -> list:
+    at = claim.get(key, "every")
     xs = sorted(a_series)
     if not xs:
         return []
@@ -335,6 +341,11 @@ def _evaluate_on(claim: dict, exp, data: _Data, variant: str) -> tuple[str, str]
             b = data.series(parse_expression(b_text), variant)
         else:
             b = {x: {s: float(b_text) for s in seeds} for x, seeds in a.items()}
+        b_label = "b"
+        if "b_at" in claim:
+            [b_x] = _points(claim, data, b, variant, "b_at") or [None]
+            b = {x: b.get(b_x, {}) for x in a}
+            b_label = f"b ({_fmt_x(along, b_x) if b_x is not None else 'no point'})"
         verdicts, parts = [], []
         for x in _points(claim, data, a, variant):
             seeds = sorted(set(a.get(x, {})) & set(b.get(x, {})))
@@ -346,7 +357,7 @@ def _evaluate_on(claim: dict, exp, data: _Data, variant: str) -> tuple[str, str]
             b_mean = float(np.mean([b[x][s] for s in seeds]))
             a_mean = float(np.mean([a[x][s] for s in seeds]))
             verdicts.append(verdict)
-            parts.append(f"{_fmt_x(along, x)}: a = {a_mean:.4g}, b = {b_mean:.4g}, a − b = {numbers} → {verdict}")
+            parts.append(f"{_fmt_x(along, x)}: a = {a_mean:.4g}, {b_label} = {b_mean:.4g}, a − b = {numbers} → {verdict}")
         if not parts:
             return INCONCLUSIVE, f"no point matches at = {claim.get('at')!r}"
         return _combine(verdicts), "; ".join(parts)
@@ -401,7 +412,8 @@ def _describe(claim: dict) -> str:
     along = claim.get("along", "width")
     margin = f" + {claim['margin']:g}" if claim.get("margin") else ""
     if kind == "compare":
-        return f"{claim['a']} {claim['op']} {claim['b']}{margin} at {claim.get('at', 'every')} {along}"
+        b_at = f" (b at {claim['b_at']} {along})" if "b_at" in claim else ""
+        return f"{claim['a']} {claim['op']} {claim['b']}{margin} at {claim.get('at', 'every')} {along}{b_at}"
     if kind == "trend":
         return f"{claim['a']} {claim['direction']} with {along}"
     if kind == "drop":

@@ -79,9 +79,13 @@ def list_experiments() -> str:
         for exp in (cpu, paper):
             grid = exp.grid
             what = ", ".join([*grid["models"], *grid["solvers"]]) if exp.kind == "compare" else exp.kind
+            n_train = exp.dataset["n_train"]
+            if exp.kind == "interpolation":
+                sweep = exp.interpolation
+                n_train = f"{min(sweep['n_trains'])}-{max(sweep['n_trains'])} at width {sweep['width']:g}"
             lines.append(f"    --preset {exp.preset:<5} {grid['arch']} widths {','.join(f'{w:g}' for w in grid['widths'])}, "
-                         f"{len(grid['seeds'])} seed(s), n_train {exp.dataset['n_train']}, {exp.train['epochs']} "
-                         f"epochs; {what}")
+                         f"{len(grid['seeds'])} seed(s), n_train {n_train}, {exp.train['epochs']} "
+                         f"epochs; {what}, {len(exp.claims)} claim(s)")
             if exp.expected_cost:
                 lines.append(textwrap.fill(exp.expected_cost, 100, initial_indent=" " * 18, subsequent_indent=" " * 18))
     return "\n".join(lines)
