@@ -15,7 +15,7 @@ import textwrap
 import time
 from pathlib import Path
 
-from study.data import DatasetError
+from jacobian_store.datasets import DatasetError
 
 from .config import PRESETS, ConfigError, available_experiments, load_experiment
 from .findings import write_findings

@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from study.data import DatasetError
+from jacobian_store.datasets import DatasetError
 
 from .config import ConfigError, resolve
 from .report import write_report

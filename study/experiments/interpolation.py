@@ -48,11 +48,11 @@ def point_data(runner, unit):
     """(dataset, validation split) of an interpolation point: the first ``unit.n_train`` of the
     variant's class-balanced training subsets (nested in n), and the test split cut into a
     validation part and the test part every method is scored on."""
-    from study.data import Dataset, Split
+    from jacobian_store.datasets import Dataset, Split
 
     key = ("point", unit.variant, unit.n_train)
     if key not in runner._cache:
-        from study.data import load_dataset
+        from jacobian_store.datasets import load_dataset
 
         kwargs = runner.exp.variant_dataset(unit.variant)
         name = kwargs.pop("name")
