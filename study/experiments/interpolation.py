@@ -227,7 +227,7 @@ def _metric_of(method: str, metric: str) -> tuple[str, str]:
 
 
 def report(exp, records: list[dict], figure_dir):
-    from .report import _pm, _stats, _table
+    from .formatting import _pm, _stats, _table
 
     sweep = exp.interpolation
     methods = [m for m in _METHOD_METRIC if _METHOD_METRIC[m][0] in ("solvers", *exp.grid["models"])]
@@ -265,7 +265,7 @@ def report(exp, records: list[dict], figure_dir):
 
 
 def _sweep_figure(exp, records, methods, along, fixed, path):
-    from .report import _plt, _save
+    from .formatting import _plt, _save
 
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -302,7 +302,7 @@ def _sweep_figure(exp, records, methods, along, fixed, path):
 
 def _paths_figure(exp, records, path):
     """Ridge and CG paths at the peak: the n-sweep point where lstsq's mean test accuracy is lowest."""
-    from .report import _plt, _save
+    from .formatting import _plt, _save
 
     sweep = exp.interpolation
     plt = _plt()

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .claims import RULE, evaluate_claims
+from .formatting import _plt, _pm, _save, _stats, _table
 from .config import MODEL_KINDS, SOLVERS, Experiment
 from .interpolation import report as _interpolation
 from .interpolation import with_reference_rank
@@ -95,26 +96,6 @@ def _setup_line(exp: Experiment, records: list[dict]) -> str:
     return f"{grid}. {done}"
 
 
-def _stats(values) -> tuple[float, float, int]:
-    v = np.asarray([x for x in values if x is not None and math.isfinite(x)], dtype=np.float64)
-    if v.size == 0:
-        return math.nan, math.nan, 0
-    return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else math.nan, int(v.size)
-
-
-def _pm(mean: float, std: float, scale: float = 100.0, digits: int = 2) -> str:
-    if math.isnan(mean):
-        return "–"
-    if math.isnan(std):
-        return f"{mean * scale:.{digits}f}"
-    return f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
-
-
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" if i else ":---" for i in range(len(header))) + "|"]
-    return out + ["| " + " | ".join(row) + " |" for row in rows]
-
-
 def _grouped(records: list[dict]) -> dict:
     """(variant, name, width) → list of records over seeds."""
     groups = defaultdict(list)
@@ -122,15 +103,6 @@ def _grouped(records: list[dict]) -> dict:
         u = r["unit"]
         groups[(u["variant"], u["name"], u["width"])].append(r)
     return groups
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 # -------------------------------------------------------------------------------------------------
@@ -244,13 +216,6 @@ def _width_axis(ax, widths) -> None:
     ax.set_xscale("log")
     ax.minorticks_off()
     ax.set_xticks(widths, [f"{w:g}" for w in widths])
-
-
-def _save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    _plt().close(fig)
-    return path
 
 
 # -------------------------------------------------------------------------------------------------
