@@ -6,7 +6,7 @@
 method; or, for ``cg`` and ``rsvd``, anything with ``shape``, ``matvec`` and ``rmatvec`` (a scipy
 ``LinearOperator``, the network's own ``jacobian_store.matrix_free.NetworkJacobian``).
 """
-from .api import METHOD_OPTIONS, METHODS, PATH_KNOBS, solve, solve_path
+from .api import KNOB_LABELS, METHOD_OPTIONS, METHODS, PATH_KNOBS, REQUIRED, option_types, solve, solve_path
 from .cg import ConvergenceWarning
 from .memory import MemoryLimitError
 from jacobian_store.matrix_free import ProductOperator, as_product_operator
@@ -15,5 +15,5 @@ from .result import STOP_REASONS, SolveResult, SolverDivergedError
 
 __all__ = ["solve", "solve_path", "SolveResult", "RowBlockOperator", "ArrayRowOperator", "as_row_operator",
            "ProductOperator", "as_product_operator",
-           "METHODS", "METHOD_OPTIONS", "PATH_KNOBS", "MemoryLimitError", "ConvergenceWarning", "SolverDivergedError",
+           "METHODS", "METHOD_OPTIONS", "REQUIRED", "option_types", "PATH_KNOBS", "KNOB_LABELS", "MemoryLimitError", "ConvergenceWarning", "SolverDivergedError",
            "STOP_REASONS"]

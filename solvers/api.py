@@ -47,24 +47,44 @@ from .sgd import _solve_sgd, sgd_path
 METHODS = ("lstsq", "ridge", "cg", "rsvd", "sgd")
 # The methods that use only J·v and Jᵀ·w; the others need rows of J (K, JᵀJ, mini-batches).
 PRODUCT_METHODS = ("cg", "rsvd")
-_REQUIRED = object()
+# The default of an option that has none: the caller must give it.
+REQUIRED = object()
 
-# Every option of every method, with its default; _REQUIRED ones have none.
+# Every option of every method, with its default; REQUIRED ones have none. This is the one option
+# schema: bin/solve's checks and the experiment files' [solver.<method>] tables derive from it.
 METHOD_OPTIONS: dict[str, dict] = {
     "lstsq": {"form": "auto", "driver": None, "rcond": None, "panel_bytes": None},
-    "ridge": {"lam": _REQUIRED, "form": "auto", "factorization": "auto", "panel_bytes": None},
+    "ridge": {"lam": REQUIRED, "form": "auto", "factorization": "auto", "panel_bytes": None},
     "cg": {"maxiter": None, "tol": 1e-6, "normal_tol": 1e-10, "x0": None},
-    "rsvd": {"rank": _REQUIRED, "oversample": 10, "power_iter": 2, "seed": 0, "rcond": None},
-    "sgd": {"lr": _REQUIRED, "weight_decay": 0.0, "epochs": 1, "batch_size": 32, "lr_step": None,
+    "rsvd": {"rank": REQUIRED, "oversample": 10, "power_iter": 2, "seed": 0, "rcond": None},
+    "sgd": {"lr": REQUIRED, "weight_decay": 0.0, "epochs": 1, "batch_size": 32, "lr_step": None,
             "lr_gamma": 0.1, "momentum": 0.9, "seed": 0, "x0": None},
 }
+# The type of each option whose default does not show it (None or REQUIRED); every other option
+# has its default's type. x0, a vector, has no scalar type.
+_UNTYPED_DEFAULTS = {"lam": float, "rank": int, "lr": float, "maxiter": int, "driver": str, "rcond": float,
+                     "panel_bytes": int, "lr_step": int}
 COMMON_OPTIONS = ("n_outputs", "device", "memory_limit", "check_finite", "progress")
 
 # The knob each path sweeps, and the function that serves all its values from one run.
 PATH_KNOBS = {"ridge": "lam", "rsvd": "rank", "cg": "maxiter", "sgd": "epochs"}
+# How a knob is named in tables and figures.
+KNOB_LABELS = {"lam": "ridge λ", "rank": "rank k", "maxiter": "CG iterations", "epochs": "SGD epochs"}
 _PATHS = {"ridge": ridge_path, "rsvd": rsvd_path, "cg": cg_path, "sgd": sgd_path}
 
 _SOLVERS = {"lstsq": _solve_lstsq, "ridge": _solve_ridge, "cg": _solve_cg, "rsvd": _solve_rsvd, "sgd": _solve_sgd}
+
+
+def option_types(method: str) -> dict[str, type]:
+    """The scalar options of ``method`` and their types (``float`` for a number: an int is one too),
+    from METHOD_OPTIONS: a default's own type, or ``_UNTYPED_DEFAULTS`` where the default is None or
+    REQUIRED. Options that are not scalars (x0) are left out."""
+    out = {}
+    for option, default in METHOD_OPTIONS[method].items():
+        kind = _UNTYPED_DEFAULTS.get(option, type(default))
+        if kind in (bool, int, float, str):
+            out[option] = kind
+    return out
 
 
 def solve(J, r, method: str = "lstsq", *, n_outputs: int | None = None, device: str = "auto",
@@ -219,7 +239,7 @@ def _validate_options(op, method, options) -> dict:
                         f"{method!r}; valid options: {', '.join(spec)} (and for every method: "
                         f"{', '.join(COMMON_OPTIONS)})")
     opts = {k: options.get(k, v) for k, v in spec.items()}
-    missing = [k for k, v in opts.items() if v is _REQUIRED]
+    missing = [k for k, v in opts.items() if v is REQUIRED]
     if missing:
         raise TypeError(f"method {method!r} needs {', '.join(missing)} (e.g. solve(J, r, method={method!r}, "
                         f"{missing[0]}=...))")

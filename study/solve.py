@@ -39,7 +39,7 @@ from jacobian_store.progress import progress_bar
 from jacobian_store.provenance import dumps, jsonable
 from jacobian_store.sizes import parse_bytes
 from jacobian_store.store import check_solution_name
-from solvers.api import _REQUIRED, METHOD_OPTIONS, METHODS, PATH_KNOBS, solve, solve_path
+from solvers.api import KNOB_LABELS, METHOD_OPTIONS, METHODS, PATH_KNOBS, REQUIRED, solve, solve_path
 from solvers.memory import MemoryLimitError, __doc__ as MEMORY_DOC
 from solvers.result import SolverDivergedError
 
@@ -52,9 +52,9 @@ FLAG_OPTIONS = {
 }
 OPTION_FLAGS = {v: "--" + k.rstrip("_").replace("_", "-") for k, v in FLAG_OPTIONS.items()}
 OPTION_FLAGS["lam"] = "--lambda"
-# the flag listing a path's knob values, per method
-PATH_FLAGS = {"ridge": "lambdas", "rsvd": "ranks", "cg": "iterations", "sgd": "epochs_list"}
-KNOB_LABELS = {"lam": "λ", "rank": "rank k", "maxiter": "CG iterations", "epochs": "SGD epochs"}
+# the flag (argparse dest) listing a path's knob values, per method (solvers.api.PATH_KNOBS)
+_KNOB_FLAGS = {"lam": "lambdas", "rank": "ranks", "maxiter": "iterations", "epochs": "epochs_list"}
+PATH_FLAGS = {method: _KNOB_FLAGS[knob] for method, knob in PATH_KNOBS.items()}
 # what a required option looks like, for the error that asks for it
 REQUIRED_EXAMPLES = {"lam": "--lambda 1e-3", "rank": "--rank 50", "lr": "--lr 0.01"}
 
@@ -168,7 +168,7 @@ def _check_arguments(parser, args, method, options) -> None:
     sets ``args.name``, ``args.json`` and (paths) ``args.out`` to the paths the run will write."""
     swept = PATH_KNOBS.get(method) if args.path else None
     for option, default in (METHOD_OPTIONS.get(method, {}) if method != "auto" else {}).items():
-        if default is _REQUIRED and option not in options and option != swept:
+        if default is REQUIRED and option not in options and option != swept:
             parser.error(f"--method {method} needs {OPTION_FLAGS[option]} (e.g. {REQUIRED_EXAMPLES[option]})")
     if args.eval_batch_size <= 0:
         parser.error(f"--eval-batch-size must be a positive integer, got {args.eval_batch_size}")

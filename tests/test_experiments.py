@@ -69,6 +69,9 @@ def test_binary_experiments_compare_standard_linearized_and_lstsq():
     ({"grid": {"widths": []}}, "grid.widths must be a non-empty list"),
     ({"dataset": {"name": "imagenet"}}, "dataset name 'imagenet' is unknown; known datasets: digits"),
     ({"solver": {"lstsq": {"tier": "disk"}}}, "solver.lstsq.tier must be 'store'"),
+    ({"solver": {"cg": {"maxiter": 1.5}}}, "'solver.cg.maxiter' must be an integer"),
+    ({"solver": {"ridge": {"lambda": 1}}}, "unknown key 'solver.ridge.lambda'; valid keys there: lam, form"),
+    ({"solver": {"sgd": {"lr": 0.1}}}, "unknown key 'solver.sgd.lr'; valid keys there: lr_gamma"),
     ({"report": {"figures": ["pie"]}}, "unknown figure 'pie' for a compare experiment; valid figures: accuracy, gap"),
     ({"presets": {"gpu": {}}}, "unknown preset [presets.gpu]; valid presets: cpu, paper"),
     ({"presets": {"cpu": {"grid": {"width": [1]}}}}, "unknown key 'presets.cpu.grid.width'; valid keys there: arch, widths"),
@@ -79,6 +82,20 @@ def test_bad_configs_name_the_key_and_the_valid_ones(raw, message):
         resolve(merged, "cpu", source="bad.toml")
     assert message in str(err.value)
     assert "bad.toml" in str(err.value)
+
+
+def test_solver_tables_derive_from_the_solvers_option_schema():
+    """[solver.<method>] accepts every scalar option of solvers.api.METHOD_OPTIONS with its type, so an
+    option added to a solver is settable from an experiment file without a second schema."""
+    from solvers.api import METHOD_OPTIONS, PATH_KNOBS, option_types
+    from study.experiments.config import _SOLVER_OPTIONS, PATH_VALUE_KEYS
+
+    for method in METHOD_OPTIONS:
+        assert set(_SOLVER_OPTIONS[method]) - {"tier"} <= set(option_types(method)) <= set(METHOD_OPTIONS[method])
+    assert set(_SOLVER_OPTIONS["cg"]) == {"maxiter", "tol", "normal_tol"}
+    exp = tiny(solver={"cg": {"normal_tol": 1e-8, "tol": 1}, "rsvd": {"oversample": 5}})
+    assert exp.solver["cg"]["normal_tol"] == 1e-8 and exp.solver["rsvd"]["oversample"] == 5
+    assert set(PATH_VALUE_KEYS) == set(PATH_KNOBS.values())  # every path knob has its [regularization] key
 
 
 def test_unknown_experiment_and_missing_preset(tmp_path):

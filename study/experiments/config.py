@@ -13,9 +13,10 @@ An experiment file has these tables (every key optional unless marked; defaults 
     [train]       epochs, batch_size, momentum, lr, weight_decay, lr_step_epochs, dtype, device,
                   eval_batch_size; per model [train.standard] / [train.linearized] with lr and
                   weight_decay, and per model and width [train.linearized.width.4] (width as key)
-    [solver]      options per solver: [solver.lstsq] tier ("store" | "gram"), [solver.ridge] lam,
-                  [solver.cg] maxiter, tol, [solver.rsvd] rank, [solver.sgd] (uses the linearized
-                  hyperparameters); store_dtype for every stored J
+    [solver]      options per solver, those of solvers.api.METHOD_OPTIONS (e.g. [solver.ridge] lam,
+                  [solver.cg] maxiter, tol, [solver.rsvd] rank), plus [solver.lstsq] tier ("store" |
+                  "gram"); [solver.sgd] takes lr, epochs, … from the linearized network's [train];
+                  store_dtype for every stored J
     [spectrum]    method ("structured" | "jacobian"): how K = J Jᵀ is computed; bins
     [regularization]  width, seed, lambdas, ranks, cg_iterations, sgd_epochs, sgd_lr, sgd_weight_decay
     [interpolation]  width, n_trains (the n-sweep at that width), n_train (the width sweep over grid.widths
@@ -39,12 +40,14 @@ import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from solvers.api import METHODS as SOLVERS
+from solvers.api import option_types
+from study.train import MODEL_KINDS
+
 from .claims import ClaimError, validate_claims
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parent / "configs"
 KINDS = ("compare", "spectrum", "regularization", "interpolation")
-MODEL_KINDS = ("standard", "linearized")
-SOLVERS = ("lstsq", "ridge", "cg", "rsvd", "sgd")
 PRESETS = ("cpu", "paper")
 FIGURES = {
     "compare": ("accuracy", "gap"),
@@ -88,9 +91,15 @@ _SCHEMA: dict[str, dict[str, tuple]] = {
     "report": {"figures": (list,)},
 }
 _HYPER_KEYS = {"lr": _NUMBER, "weight_decay": _NUMBER}
-_SOLVER_OPTIONS = {"lstsq": {"tier": (str,), "rcond": _NUMBER}, "ridge": {"lam": _NUMBER},
-                   "cg": {"maxiter": (int,), "tol": _NUMBER}, "rsvd": {"rank": (int,), "power_iter": (int,)},
-                   "sgd": {}}
+# [solver.<method>]: the method's own options (solvers.api.METHOD_OPTIONS), less those the runner
+# takes from [train] (stored-J SGD uses the linearized network's hyperparameters), plus lstsq's tier.
+_FROM_TRAIN = {"sgd": ("lr", "weight_decay", "epochs", "batch_size", "momentum", "lr_step", "seed")}
+_TOML_TYPES = {bool: (bool,), int: (int,), float: _NUMBER, str: (str,)}
+_SOLVER_OPTIONS = {method: {option: _TOML_TYPES[kind] for option, kind in option_types(method).items()
+                            if option not in _FROM_TRAIN.get(method, ())} for method in SOLVERS}
+_SOLVER_OPTIONS["lstsq"]["tier"] = (str,)
+# [regularization] key listing the values of each path knob (solvers.api.PATH_KNOBS)
+PATH_VALUE_KEYS = {"lam": "lambdas", "rank": "ranks", "maxiter": "cg_iterations", "epochs": "sgd_epochs"}
 _VARIANT_KEYS = {"label": (str,), **_SCHEMA["dataset"]}
 _TOP_LEVEL = (*_SCHEMA, "variants", "claims", "presets")
 

@@ -30,6 +30,8 @@ import math
 import numpy as np
 import torch
 
+from solvers.api import KNOB_LABELS
+
 # A stream of its own for the validation split of the test images.
 _VALIDATION_STREAM = 7919
 METHOD_LABELS = {"lstsq": "lstsq (minimum norm)", "ridge_val": "ridge, λ on validation", "ridge_gcv": "ridge, λ by GCV",
@@ -316,7 +318,7 @@ def _paths_figure(exp, records, path):
         peak = min(lstsq, key=lambda n: np.mean(lstsq[n]))
         recs = [r for r in records if r["unit"]["variant"] == variant and r["unit"]["name"] == "solvers"
                 and r["unit"]["n_train"] == peak and r["unit"]["width"] == sweep["width"]]
-        for ax, key, knob in ((row[0], "ridge_path", "ridge λ"), (row[1], "cg_path", "CG iterations")):
+        for ax, key, knob in ((row[0], "ridge_path", KNOB_LABELS["lam"]), (row[1], "cg_path", KNOB_LABELS["maxiter"])):
             for r in recs:
                 pts = [p for p in r["metrics"][key] if p["value"] > 0]
                 for split, style in (("val", "--"), ("test", "-")):

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from solvers.api import KNOB_LABELS, PATH_KNOBS
+
 from .claims import RULE, evaluate_claims
 from .formatting import _plt, _pm, _save, _stats, _table
 from .config import MODEL_KINDS, SOLVERS, Experiment
@@ -310,7 +312,8 @@ def _histogram_figure(exp, groups, variants, widths, figure_dir) -> Path:
 # regularization: solver paths on one store
 
 
-_KNOB_LABELS = {"ridge": "ridge λ", "rsvd": "rank k", "cg": "CG iterations", "sgd": "SGD epochs"}
+# method → its path knob's label, in the order of solvers.api.PATH_KNOBS
+_KNOB_LABELS = {method: KNOB_LABELS[knob] for method, knob in PATH_KNOBS.items()}
 
 
 def _regularization(exp: Experiment, records: list[dict], figure_dir: Path | None):
@@ -347,7 +350,7 @@ def _regularization(exp: Experiment, records: list[dict], figure_dir: Path | Non
 
 def _paths_figure(paths_by_variant, lstsq, figure_dir) -> Path:
     plt = _plt()
-    methods = [m for m in ("ridge", "rsvd", "cg", "sgd") if any(m in p for p in paths_by_variant.values())]
+    methods = [m for m in PATH_KNOBS if any(m in p for p in paths_by_variant.values())]
     fig, axes = plt.subplots(1, max(1, len(methods)), figsize=(4.2 * max(1, len(methods)), 3.6), squeeze=False)
     for ax, method in zip(axes[0], methods):
         for variant, paths in paths_by_variant.items():

@@ -28,7 +28,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import MODEL_KINDS, Experiment
+from solvers.api import PATH_KNOBS
+
+from .config import MODEL_KINDS, PATH_VALUE_KEYS, Experiment
 from jacobian_store.progress import progress_bar, progress_write
 
 from .records import Clock, Unit, load_records, make_record, read_record, settings_digest, write_json_atomic
@@ -73,7 +75,8 @@ def plan_units(exp: Experiment) -> list[Unit]:
     return units
 
 
-_PATH_KNOBS = {"ridge": "lambdas", "rsvd": "ranks", "cg": "cg_iterations", "sgd": "sgd_epochs"}
+# method → the [regularization] key listing its path's values: the key of its knob (solvers.api.PATH_KNOBS)
+_PATH_KNOBS = {method: PATH_VALUE_KEYS[knob] for method, knob in PATH_KNOBS.items()}
 
 
 class Runner:
