@@ -10,38 +10,27 @@
 Writes u and its diagnostics (every option used) into the store under ``/solutions/<name>``,
 prints a one-line summary and writes a JSON record.
 
-Every argument is checked before the store is opened; the store is opened read-only while the
-solver runs (other processes may read it meanwhile), the inputs w0, f0, y and J are checked finite
-first, and a non-finite or diverged result is refused. Saving is one short step at the end, under
-the store's exclusive lock: the JSON record is written to a temporary file, the store is checked
-to be the file the solve read (not replaced meanwhile), the record is renamed into place and u,
-with the same record as its attribute, is stored. "Together" means: a stored solution always has
-its JSON record; a kill in the instant between leaves a record without u, which rerunning the
-same command replaces. Train accuracy is that of f0 + J u on the
-stored training set; test accuracy that of f0(x) + J(x) u on the test set, with J(x) u computed by
-``torch.func.jvp`` at w0 (no test Jacobian needed); prediction rule of ``study.metrics``.
+Every argument is checked here, before the store is opened; ``study.fitting.fit`` then solves,
+evaluates and saves (read-only while the solver runs, u and its record saved together, a
+non-finite or diverged result refused: see its docstring). Train accuracy is that of f0 + J u on
+the stored training set; test accuracy that of f0(x) + J(x) u on the test set, with J(x) u computed
+by ``torch.func.jvp`` at w0 (no test Jacobian needed; ``study.evaluation``).
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
-import csv
+import functools
 import json
-import math
 import os
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
-
-from jacobian_store.progress import progress_bar
-from jacobian_store.provenance import dumps, jsonable
 from jacobian_store.sizes import parse_bytes
 from jacobian_store.store import check_solution_name
-from solvers.api import KNOB_LABELS, METHOD_OPTIONS, METHODS, PATH_KNOBS, REQUIRED, solve, solve_path
+from solvers.api import KNOB_LABELS, METHOD_OPTIONS, METHODS, PATH_KNOBS, REQUIRED
 from solvers.memory import MemoryLimitError, __doc__ as MEMORY_DOC
 from solvers.result import SolverDivergedError
+from study.fitting import DIVERGENCE_FIX, FitRequest, fit
 
 # command-line flag (argparse dest) → solver option
 FLAG_OPTIONS = {
@@ -121,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "needs pip install 'lincnn[distributed]', and workers on other machines need the store "
                           "on a shared filesystem at the same path")
     out.add_argument("--no-test", action="store_true", help="skip the test-set evaluation")
-    out.add_argument("--eval-batch-size", type=int, default=256, help="test samples per jvp (default 256)")
+    out.add_argument("--eval-batch-size", type=int, help="test samples per jvp (default: as many as the memory "
+                                                           "budget of bin/build-jacobian allows)")
     out.add_argument("--standard-run", type=Path,
                      help="a bin/train run directory (or its metrics.json) of the standard network, reported alongside")
     out.add_argument("--save-u", type=Path, metavar="FILE.npy", help="also write u (float64, length p) to this .npy file")
@@ -143,12 +133,10 @@ def main(argv=None) -> int:
     _check_matrix_free_args(parser, args, method)
     _check_arguments(parser, args, method, options)
     try:
-        standard = _standard_metrics(args.standard_run)
-        if args.store is None:
-            return _run_matrix_free(args, method, options, standard)
-        return _run(args, method, options, standard)
+        request = _request(args, method, options, _standard_metrics(args.standard_run))
+        report = fit(request)
     except SolverDivergedError as error:  # raised by the solver itself: no result exists to save
-        print(f"bin/solve: error: {error}; nothing was saved. {_DIVERGENCE_FIX.get(method, '')}".rstrip(),
+        print(f"bin/solve: error: {error}; nothing was saved. {DIVERGENCE_FIX.get(method, '')}".rstrip(),
               file=sys.stderr)
         return 2
     except (MemoryLimitError, ValueError, TypeError, OSError, ImportError) as error:
@@ -161,6 +149,38 @@ def main(argv=None) -> int:
             print(f"bin/solve: error: {error}", file=sys.stderr)
             return 2
         raise
+    _print(request, report)
+    return 0
+
+
+def _request(args, method, options, standard) -> FitRequest:
+    """The checked command line as the library's request."""
+    network = None
+    if args.store is None:
+        from jacobian_store.datasets import dataset_from_args
+
+        network = {"arch": args.arch, "width": args.width, "seed": args.init_seed, "dtype": args.network_dtype,
+                   "batch_size": args.jvp_batch_size, "dataset": functools.partial(dataset_from_args, args)}
+    return FitRequest(method=method, options=options, name=args.name, command=_command(args), store=args.store,
+                      network=network, path=args.path, path_values=getattr(args, PATH_FLAGS[method]) if args.path
+                      else None, json=args.json, out=args.out, save_u=args.save_u, no_save=args.no_save,
+                      overwrite=args.overwrite, device=args.device, memory_limit=args.memory_limit,
+                      scheduler=args.scheduler, test=not args.no_test, eval_batch_size=args.eval_batch_size,
+                      data_root=args.data_root, standard=standard, progress=not args.quiet)
+
+
+def _print(request: FitRequest, report) -> None:
+    records, standard = report.records, request.standard
+    if request.path:
+        for rec in records:
+            print(_summary_line(rec))
+        knob = KNOB_LABELS[PATH_KNOBS[request.method]]
+        print(f"path of {len(records)} {knob} values → {', '.join(str(p) for p in report.report_paths)}")
+    elif request.store is None:
+        print(_summary_line(records[0]) + " (matrix-free)")
+    else:
+        print(_summary_line(records[0]) + (f" | standard train_acc={standard['train_acc']:.4f} test_acc="
+                                           f"{standard['test_acc']:.4f}" if standard else ""))
 
 
 def _check_arguments(parser, args, method, options) -> None:
@@ -170,7 +190,7 @@ def _check_arguments(parser, args, method, options) -> None:
     for option, default in (METHOD_OPTIONS.get(method, {}) if method != "auto" else {}).items():
         if default is REQUIRED and option not in options and option != swept:
             parser.error(f"--method {method} needs {OPTION_FLAGS[option]} (e.g. {REQUIRED_EXAMPLES[option]})")
-    if args.eval_batch_size <= 0:
+    if args.eval_batch_size is not None and args.eval_batch_size <= 0:
         parser.error(f"--eval-batch-size must be a positive integer, got {args.eval_batch_size}")
     if args.memory_limit != "auto":
         try:
@@ -237,180 +257,6 @@ def _options_from_args(parser, args, method) -> dict:
     return options
 
 
-def _run(args, method, options, standard) -> int:
-    from jacobian_store.store import JacobianStore
-
-    started = time.perf_counter()
-    name = args.name
-    with JacobianStore.open(args.store) as store, contextlib.ExitStack() as cluster:
-        identity = store.identity  # a save checks that the store was not replaced meanwhile
-        J = store.train_J  # checks the build (and shards) before any cluster is started
-        store.check_finite_inputs()
-        if args.scheduler:
-            from solvers.distributed import connect, dask_operator_from_store
-
-            client = connect(args.scheduler)
-            cluster.callback(client.close)  # closed before the store; a local cluster goes with it
-            J = dask_operator_from_store(store, client)
-        r = store.residual()
-        f0, targets = store.f0("train"), store.targets("train")
-        common = dict(device=args.device, memory_limit=args.memory_limit, progress=not args.quiet)
-        if args.path:
-            knob = PATH_KNOBS[method]
-            values = _path_values(args, method, J, options)
-            names = [_path_name(name, knob, v) for v in values]
-        else:
-            names = [name]
-        _refuse_existing(store, names, args)
-        if args.path:
-            results = solve_path(J, r, method, values, **common, **options)
-        else:
-            results = [solve(J, r, method, **common, **options)]
-        for res, solution in zip(results, names):
-            _check_result(res, solution)
-        evaluation = _Evaluator(store, args)
-        records = []
-        for res, solution in zip(progress_bar(results, enabled=not args.quiet and len(results) > 1, desc="evaluate"),
-                                 names):
-            fitted = res.fitted.reshape(f0.shape)
-            record = {"name": solution, **res.to_dict(), **evaluation(res.u, f0 + fitted, targets)}
-            if args.path:
-                record["knob"], record["value"] = knob, res.options[knob]
-            records.append(record)
-        init = evaluation.at_init(f0, targets)
-        payload = {"store": str(args.store), "store_summary": store.summary(), "command": _command(args),
-                   "scheduler": args.scheduler, "initial": init, "standard": standard,
-                   "seconds": time.perf_counter() - started}
-    if args.path:
-        payload["path"] = records
-    else:
-        payload.update(records[0])
-    _save(args, identity, [res.u for res in results], records, payload)
-    _save_u(args, results)
-    if args.path:
-        _write_path_outputs(args.out, records, knob, method, standard)
-        for rec in records:
-            print(_summary_line(rec))
-        print(f"path of {len(records)} {KNOB_LABELS[knob]} values → {args.out}.md, {args.out}.csv, {args.out}.png")
-    else:
-        print(_summary_line(records[0]) + (f" | standard train_acc={standard['train_acc']:.4f} test_acc="
-                                           f"{standard['test_acc']:.4f}" if standard else ""))
-    return 0
-
-
-def _path_name(name: str, knob: str, value) -> str:
-    return f"{name}@{knob}={value:g}"
-
-
-def _refuse_existing(store, names, args) -> None:
-    if args.no_save or args.overwrite:
-        return
-    taken = [n for n in names if n in store.solution_names()]
-    if taken:
-        raise ValueError(f"{args.store} already holds solution {taken[0]!r}; pass --overwrite or another --name")
-
-
-def _check_result(res, name: str) -> None:
-    """Refuse a result that is not a solution: non-finite u or residual, or a divergence.
-
-    SGD starts at u = 0, where ‖J u − r‖ = ‖r‖; ending above that means its steps made the fit worse
-    (too large a learning rate), whatever its stopping rule said.
-    """
-    relative = res.relative_residual
-    if not (np.all(np.isfinite(res.u)) and math.isfinite(relative)):
-        raise ValueError(f"{name}: {res.method} gave a non-finite solution ({res.stop_reason}); nothing was saved. "
-                         f"{_DIVERGENCE_FIX.get(res.method, 'Check the store with bin/build-jacobian')}")
-    if "diverge" in res.stop_reason or (res.method == "sgd" and relative > 1):
-        raise ValueError(f"{name}: sgd diverged (‖Ju−r‖/‖r‖ = {relative:.3e} > 1, worse than u = 0; "
-                         f"{res.stop_reason}); nothing was saved. {_DIVERGENCE_FIX['sgd']}")
-
-
-_DIVERGENCE_FIX = {"sgd": "Lower --lr (e.g. by 10×) or raise --batch-size."}
-
-
-def _save(args, identity, solutions, records, payload) -> None:
-    """Write the JSON record and (unless --no-save) u with it, in one short step (module docstring)."""
-    from jacobian_store.store import JacobianStore, StoreError, exclusive_lock, file_identity
-
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    staged = args.json.with_name(f".{args.json.name}.tmp")  # one name: a rerun replaces what a kill left
-    try:
-        with open(staged, "w") as f:
-            f.write(dumps(payload, indent=1) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        if args.no_save:
-            os.replace(staged, args.json)
-            return
-        with exclusive_lock(args.store, wait=True) as fd:
-            if file_identity(fd) != identity:
-                raise StoreError(f"{args.store} was replaced by another process while this solve ran; nothing was "
-                                 f"saved: rerun the command on the new store")
-            import h5py
-
-            with h5py.File(args.store, "r+", locking=False) as file:
-                store = JacobianStore(file)
-                os.replace(staged, args.json)
-                try:
-                    for u, record in zip(solutions, records):
-                        store.write_solution(record["name"], u, _info(record, args), overwrite=args.overwrite)
-                except BaseException:
-                    args.json.unlink(missing_ok=True)  # no record without its solution
-                    raise
-    finally:
-        staged.unlink(missing_ok=True)
-
-
-class _Evaluator:
-    """Train accuracy from f0 + J u; test accuracy from f0(x) + J(x) u by jvp at w0."""
-
-    def __init__(self, store, args):
-        self.model = self.x_test = self.y_test = None
-        self.test_note = None
-        if args.no_test:
-            self.test_note = "skipped (--no-test)"
-            return
-        try:
-            import torch
-
-            dataset = store.dataset(data_root=args.data_root)
-            device = "cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu"
-            self.model = store.model(device=device)
-            self.x_test, self.y_test = dataset.test.x, dataset.test.targets.numpy()
-            self.batch_size = args.eval_batch_size
-        except Exception as error:  # no data here: report train accuracy, say why test is missing
-            self.test_note = f"not evaluated: {error}"
-            print(f"bin/solve: warning: test accuracy {self.test_note}", file=sys.stderr)
-
-    def __call__(self, u, train_outputs, train_targets) -> dict:
-        from study.metrics import accuracy
-
-        out = {"train_acc": accuracy(train_outputs, train_targets), "test_acc": None}
-        if self.model is not None:
-            import torch
-
-            from jacobian_store.functional import linearized_outputs
-
-            _, f_lin = linearized_outputs(self.model, torch.from_numpy(np.asarray(u)), self.x_test, self.batch_size)
-            out["test_acc"] = accuracy(f_lin, self.y_test)
-        else:
-            out["test_note"] = self.test_note
-        return out
-
-    def at_init(self, f0, targets) -> dict:
-        return self(np.zeros(1), f0, targets) if self.model is None else self._init_full(f0, targets)
-
-    def _init_full(self, f0, targets) -> dict:
-        import torch
-
-        from study.metrics import accuracy
-
-        with torch.no_grad():
-            outs = torch.cat([self.model(self.x_test[i:i + self.batch_size].to(next(self.model.parameters())))
-                              for i in range(0, self.x_test.shape[0], self.batch_size)])
-        return {"train_acc": accuracy(f0, targets), "test_acc": accuracy(outs, self.y_test)}
-
-
 # ---- matrix-free: J of the network itself, by jvp and vjp (no store) ----------------------------
 
 MATRIX_FREE_METHODS = ("cg", "rsvd", "auto")
@@ -465,104 +311,6 @@ def _check_matrix_free_args(parser, args, method) -> None:
         parser.error(f"--width must be positive, got {args.width}")
 
 
-def _run_matrix_free(args, method, options, standard) -> int:
-    """cg or rsvd on the network's own Jacobian; train and test accuracy as with a store."""
-    import torch
-
-    from jacobian_store.architectures import create_model
-    from jacobian_store.datasets import dataset_from_args
-    from jacobian_store.functional import linearized_outputs
-    from jacobian_store.matrix_free import NetworkJacobian
-    from study.metrics import accuracy
-
-    started = time.perf_counter()
-    dataset = dataset_from_args(args)
-    model = create_model(args.arch, args.width, in_channels=dataset.in_channels, n_outputs=dataset.n_outputs,
-                         image_size=dataset.image_size, seed=args.init_seed)
-    J = NetworkJacobian(model, dataset.train.x, device=args.device, batch_size=args.jvp_batch_size,
-                        dtype=getattr(torch, args.network_dtype))
-    f0, targets = J.outputs(), dataset.train.targets.numpy().astype(np.float64)
-    r = (targets - f0).reshape(-1)
-    common = dict(device=args.device, memory_limit=args.memory_limit, progress=not args.quiet)
-    if args.path:
-        knob = PATH_KNOBS[method]
-        results = solve_path(J, r, method, _path_values(args, method, J, options), **common, **options)
-    else:
-        results = [solve(J, r, method, **common, **options)]
-    x_test, y_test = dataset.test.x, dataset.test.targets.numpy()
-    name = args.name
-    records = []
-    for res in progress_bar(results, enabled=not args.quiet and len(results) > 1, desc="evaluate"):
-        test = {"test_acc": None, "test_note": "skipped (--no-test)"}
-        if not args.no_test:  # f0(x) + J(x) u by one jvp per batch of test inputs, as with a store
-            _, f_lin = linearized_outputs(J.model, torch.from_numpy(np.asarray(res.u)), x_test, args.eval_batch_size)
-            test = {"test_acc": accuracy(f_lin, y_test)}
-        record = {"name": name, **res.to_dict(), "train_acc": accuracy(f0 + res.fitted.reshape(f0.shape), targets),
-                  **test}
-        if args.path:
-            record["knob"], record["value"] = knob, res.options[knob]
-            record["name"] = _path_name(name, knob, res.options[knob])
-        records.append(record)
-    _save_u(args, results)
-    with torch.no_grad():
-        f0_test = linearized_outputs(J.model, torch.zeros(J.shape[1], dtype=torch.float64), x_test,
-                                     args.eval_batch_size)[0]
-    payload = {"store": None, "operator": repr(J), "dataset": dataset.spec, "command": _command(args),
-               "network": {"arch": args.arch, "width": args.width, "seed": args.init_seed, "dtype": args.network_dtype},
-               "initial": {"train_acc": accuracy(f0, targets), "test_acc": accuracy(f0_test, y_test)},
-               "standard": standard, "seconds": time.perf_counter() - started}
-    if args.path:
-        _write_path_outputs(args.out, records, knob, method, standard)
-        payload["path"] = records
-        for rec in records:
-            print(_summary_line(rec))
-        print(f"path of {len(records)} {KNOB_LABELS[knob]} values → {args.out}.md, {args.out}.csv, {args.out}.png")
-    else:
-        payload.update(records[0])
-        print(_summary_line(records[0]) + " (matrix-free)")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(dumps(payload, indent=1) + "\n")
-    return 0
-
-
-def _save_u(args, results) -> None:
-    """--save-u FILE.npy: the one solution u, float64 on the host."""
-    if args.save_u is None:
-        return
-    from jacobian_store.device import to_numpy
-
-    args.save_u.parent.mkdir(parents=True, exist_ok=True)
-    np.save(args.save_u, np.asarray(to_numpy(results[0].u), dtype=np.float64))
-
-
-def _path_values(args, method, J, options) -> list:
-    given = getattr(args, PATH_FLAGS[method])
-    if given:
-        return given
-    m, p = J.shape
-    if method == "ridge":
-        scale = _mean_row_norm2(J)  # mean diagonal of K = J Jᵀ: λ relative to the typical eigenvalue
-        if not math.isfinite(scale):
-            J.check_finite()  # names the row of J that holds the NaN or Inf
-        return [float(f"{scale * 10.0 ** e:.3g}") for e in range(-6, 3)]
-    if method == "rsvd":
-        grid = [k * 10 ** d for d in range(7) for k in (1, 2, 5)]
-        return sorted({k for k in grid if k < min(m, p)} | {min(m, p)})
-    if method == "cg":
-        limit = options.get("maxiter") or 1000
-        return [k for k in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000) if k <= limit]
-    return [1, 2, 5, 10, 20]
-
-
-def _mean_row_norm2(J) -> float:
-    total = 0.0
-    for _, block in J.row_blocks():
-        b = np.asarray(block, dtype=np.float64)
-        total += float(np.einsum("ij,ij->", b, b))
-    return total / J.shape[0]
-
-
 def _default_name(method, options) -> str:
     """Method and knobs, e.g. ``ridge-lam0.001`` or ``sgd-lr0.01-wd0-ep10-bs32`` (known before solving)."""
     if method == "auto":
@@ -590,14 +338,6 @@ def _summary_line(rec) -> str:
             f"test_acc={test} time={rec['wall_time']:.2f}s")
 
 
-def _info(record, args) -> dict:
-    info = {k: v for k, v in record.items() if k != "extras"}
-    extras = dict(record.get("extras", {}))
-    info["extras"] = extras
-    info["command"] = _command(args)
-    return jsonable(info)
-
-
 def _command(args) -> str:
     import shlex
 
@@ -623,57 +363,6 @@ def _standard_metrics(path) -> dict | None:
         raise ValueError(f"--standard-run: {metrics} is a {data.get('model_kind')!r} run, not a standard network's; {fix}")
     return {"train_acc": final["train_acc"], "test_acc": final["test_acc"], "epochs": final.get("epoch"),
             "run": str(path), "dataset": data.get("dataset")}
-
-
-def _write_path_outputs(prefix: Path, records, knob, method, standard) -> None:
-    prefix.parent.mkdir(parents=True, exist_ok=True)
-    cols = ["value", "train_acc", "test_acc", "u_norm", "relative_residual", "converged", "n_iter", "wall_time"]
-    with open(f"{prefix}.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow([knob] + cols[1:])
-        for rec in records:
-            writer.writerow([rec.get(c) for c in cols])
-    lines = [f"# {method} path: {KNOB_LABELS[knob]}", "",
-             f"| {KNOB_LABELS[knob]} | train acc | test acc | ‖u‖ | ‖Ju−r‖/‖r‖ | converged |",
-             "|---:|---:|---:|---:|---:|:---:|"]
-    for rec in records:
-        test = f"{rec['test_acc']:.4f}" if rec.get("test_acc") is not None else "n/a"
-        lines.append(f"| {rec['value']:g} | {rec['train_acc']:.4f} | {test} | {rec['u_norm']:.4g} | "
-                     f"{rec['relative_residual']:.3e} | {'yes' if rec['converged'] else 'no'} |")
-    if standard:
-        lines += ["", f"Standard network: train acc {standard['train_acc']:.4f}, test acc {standard['test_acc']:.4f}."]
-    Path(f"{prefix}.md").write_text("\n".join(lines) + "\n")
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    x = np.array([rec["value"] for rec in records], dtype=float)
-    fig, (ax_acc, ax_norm) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_acc.plot(x, [rec["train_acc"] for rec in records], "o-", label="train (linearized)")
-    if any(rec.get("test_acc") is not None for rec in records):
-        ax_acc.plot(x, [rec["test_acc"] if rec.get("test_acc") is not None else np.nan for rec in records],
-                    "s-", label="test (linearized)")
-    if standard:
-        ax_acc.axhline(standard["train_acc"], ls="--", c="C0", alpha=0.6, label="train (standard)")
-        ax_acc.axhline(standard["test_acc"], ls="--", c="C1", alpha=0.6, label="test (standard)")
-    ax_norm.plot(x, [rec["u_norm"] for rec in records], "o-", c="C2")
-    for ax in (ax_acc, ax_norm):
-        if (x > 0).all():
-            ax.set_xscale("log")
-        else:
-            ax.set_xscale("symlog", linthresh=float(np.min(x[x > 0])) if (x > 0).any() else 1.0)
-        ax.set_xlabel(KNOB_LABELS[knob])
-        ax.grid(alpha=0.3)
-    ax_acc.set_ylabel("accuracy")
-    ax_acc.legend()
-    ax_norm.set_ylabel("‖u‖")
-    ax_norm.set_yscale("log")
-    fig.suptitle(f"{method}: {KNOB_LABELS[knob]} as the regularizer")
-    fig.tight_layout()
-    fig.savefig(f"{prefix}.png", dpi=120)
-    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -275,7 +275,7 @@ def test_killed_build_resumes_to_the_uninterrupted_result(built, tmp_path, point
 
 
 @pytest.mark.parametrize("point", [
-    "study.solve:_check_result:1",                          # solved, nothing written
+    "study.fitting:check_result:1",                         # solved, nothing written
     "os:fsync:1",                                           # JSON record being staged
     "jacobian_store.store:JacobianStore.write_solution:1",  # record in place, u not yet stored
     "h5py:Group.move:1",                                     # u written under its scratch name

@@ -83,19 +83,12 @@ def point_data(runner, unit):
     return runner._cache[key]
 
 
-def _scores(outputs: np.ndarray, targets) -> tuple[float, float]:
-    from study.metrics import accuracy
-
-    targets = targets.double().numpy()
-    outputs = np.asarray(outputs, dtype=np.float64).reshape(targets.shape)
-    return accuracy(outputs, targets), float(0.5 * ((outputs - targets) ** 2).sum() / len(targets))
-
-
 def run_solvers(runner, unit):
     """The ``solvers`` unit of a point (module docstring): metrics and the two paths."""
     from jacobian_store.store import JacobianStore
     from solvers import solve_path
     from solvers.gcv import gcv
+    from study.evaluation import Split, evaluate
 
     from .records import Clock
     from .spectra import spectrum_metrics
@@ -119,23 +112,22 @@ def run_solvers(runner, unit):
     sigma = np.asarray(ridge[0].extras["singular_values"], dtype=np.float64)
     spectrum = spectrum_metrics(sigma, shape)
     kept = sigma[sigma > spectrum["cutoff"]]
-    scores = gcv(kept ** 2, shape[0], [res.residual_norm for res in ridge], lambdas)
+    gcv_scores = gcv(kept ** 2, shape[0], [res.residual_norm for res in ridge], lambdas)
     f0_eval, J_eval = _evaluation_jacobian(runner, unit, model, torch.cat([val.x, dataset.test.x]))
-    results = [*ridge, *cg]
-    outputs = f0_eval[:, None] + J_eval @ np.stack([np.asarray(res.u, dtype=np.float64) for res in results], axis=1)
-    column = {id(res): j for j, res in enumerate(results)}
+    rows = len(val.x) * dataset.n_outputs  # the validation images' rows come first
+    splits = {"train": Split(f0, dataset.train.targets.numpy()),
+              "val": Split(f0_eval[:rows], val.targets.numpy(), J_eval[:rows]),
+              "test": Split(f0_eval[rows:], dataset.test.targets.numpy(), J_eval[rows:])}
+    keys = ("train_acc", "val_acc", "test_acc", "train_loss", "val_loss", "test_loss")
 
-    def point(result, value, **extra):
-        train_acc, train_loss = _scores(f0 + np.asarray(result.fitted), dataset.train.targets)
-        out = outputs[:, column[id(result)]].reshape(-1, dataset.n_outputs)
-        val_acc, val_loss = _scores(out[:len(val.x)], val.targets)
-        test_acc, test_loss = _scores(out[len(val.x):], dataset.test.targets)
-        return {"value": value, "train_acc": train_acc, "val_acc": val_acc, "test_acc": test_acc,
-                "train_loss": train_loss, "val_loss": val_loss, "test_loss": test_loss, "u_norm": result.u_norm,
+    def point(result, value, score, **extra):
+        return {"value": value, **{k: score[k] for k in keys}, "u_norm": result.u_norm,
                 "relative_residual": result.relative_residual, **extra}
 
-    ridge_path = [point(res, lam, gcv=None if math.isinf(g) else float(g)) for res, lam, g in zip(ridge, lambdas, scores)]
-    cg_path = [point(res, k, converged=res.converged) for res, k in zip(cg, iterations)]
+    ridge_path = [point(res, lam, score, gcv=None if math.isinf(g) else float(g))
+                  for res, lam, g, score in zip(ridge, lambdas, gcv_scores, evaluate(ridge, splits))]
+    cg_path = [point(res, k, score, converged=res.converged)
+               for res, k, score in zip(cg, iterations, evaluate(cg, splits))]
     regularized = ridge_path[1:]
     # validation choice: highest validation accuracy, ties to the larger λ / the fewer iterations
     ridge_val = max(regularized, key=lambda p: (p["val_acc"], p["value"]))

@@ -30,6 +30,8 @@ import torch
 
 from solvers.api import PATH_KNOBS
 
+from study.evaluation import Split, evaluate, scores
+
 from .config import MODEL_KINDS, PATH_VALUE_KEYS, Experiment
 from jacobian_store.progress import progress_bar, progress_write
 
@@ -309,10 +311,12 @@ class Runner:
             u = _host(result.u)
             store.write_solution(unit.name, u, {"summary": result.summary(), "options": result.options},
                                  overwrite=True)
-            train_out = store.f0() + _host(result.fitted).reshape(store.f0().shape)
+            train = Split(store.f0(), store.targets())
             model = store.model(str(self._torch_device()))
-        test_out = self._linearized_test_outputs(model, u, unit)
-        metrics = self._accuracy_metrics(train_out, test_out, unit)
+        data = self.dataset(unit.variant).test
+        test = Split.of_network(model, data.x, data.targets.numpy(), device=self.device,
+                                batch_size=self.exp.train["eval_batch_size"])
+        metrics = evaluate([result], {"train": train, "test": test})[0]
         metrics.update(_solve_metrics(result), build_seconds=build_seconds, solve_seconds=clock.seconds,
                        n_parameters=int(u.size))
         return metrics, {"store": str(path.relative_to(self.run_dir))}
@@ -340,10 +344,11 @@ class Runner:
             K_test = cross_gram_matrix(model, dataset.test.x, dataset.train.x, device=str(self._torch_device()),
                                        progress=self.progress)
             test_fit = K_test @ fit.alpha
-        n_out = dataset.n_outputs
-        train_out = f0_train + fit.fitted.reshape(-1, n_out)
-        test_out = f0_test + test_fit.reshape(-1, n_out)
-        metrics = self._accuracy_metrics(train_out, test_out, unit)
+        metrics = {}
+        for split, outputs in (("train", f0_train + fit.fitted.reshape(f0_train.shape)),
+                               ("test", f0_test + test_fit.reshape(f0_test.shape))):
+            got = scores(outputs, getattr(dataset, split).targets.numpy())
+            metrics[f"{split}_acc"], metrics[f"{split}_loss"] = got["acc"], got["loss"]
         metrics.update(method="lstsq", form="gram", converged=True, residual_norm=fit.residual_norm,
                        relative_residual=fit.relative_residual, u_norm=fit.u_norm, rank=path.rank,
                        cutoff=path.cutoff, solve_seconds=clock.seconds, n_parameters=n_params)
@@ -355,27 +360,6 @@ class Runner:
         dataset = self.dataset(unit.variant)
         return create_model(self.exp.grid["arch"], unit.width, in_channels=dataset.in_channels,
                             n_outputs=dataset.n_outputs, image_size=dataset.image_size, seed=unit.seed)
-
-    def _linearized_test_outputs(self, model, u: np.ndarray, unit: Unit) -> np.ndarray:
-        from jacobian_store.functional import linearized_outputs
-
-        dataset = self.dataset(unit.variant)
-        first = next(model.parameters())
-        _, out = linearized_outputs(model, torch.from_numpy(u).to(first.dtype), dataset.test.x,
-                                    batch_size=self.exp.train["eval_batch_size"])
-        return out.double().numpy()
-
-    def _accuracy_metrics(self, train_out, test_out, unit: Unit) -> dict:
-        from study.metrics import accuracy
-
-        dataset = self.dataset(unit.variant)
-        out = {}
-        for split, outputs in (("train", train_out), ("test", test_out)):
-            targets = getattr(dataset, split).targets.double().numpy()
-            outputs = np.asarray(outputs, dtype=np.float64)
-            out[f"{split}_acc"] = accuracy(outputs, targets)
-            out[f"{split}_loss"] = float(0.5 * ((outputs - targets) ** 2).sum() / len(targets))
-        return out
 
     def _run_spectrum(self, unit: Unit, settings: dict):
         from jacobian_store.gram import gram_matrix
@@ -413,22 +397,16 @@ class Runner:
             with Clock() as clock:
                 results = solve_path(store.train_J, store.residual(), method, values, device=self._solver_device(),
                                      progress=self.progress, **options)
-            points = self._path_points(store, results, values, unit)
+            points = self._path_points(store, results, values)
         return ({"method": method, "knob": _PATH_KNOBS[method], "points": points, "build_seconds": build_seconds,
                  "solve_seconds": clock.seconds}, {"store": str(path.relative_to(self.run_dir))})
 
-    def _path_points(self, store, results, values, unit: Unit) -> list[dict]:
-        f0_train, f0_test = store.f0("train"), store.f0("test")
-        J_test = store.jacobian("test")
-        U = np.stack([_host(r.u) for r in results], axis=1)
-        test_fit = _host(J_test.matmat(U))
-        points = []
-        for j, (value, result) in enumerate(zip(values, results)):
-            train_out = f0_train + _host(result.fitted).reshape(f0_train.shape)
-            test_out = f0_test + test_fit[:, j].reshape(f0_test.shape)
-            point = {"value": value, **self._accuracy_metrics(train_out, test_out, unit), **_solve_metrics(result)}
-            points.append(point)
-        return points
+    def _path_points(self, store, results, values) -> list[dict]:
+        """Train scores from J u, test scores from the store's test Jacobian, every point at once."""
+        splits = {"train": Split(store.f0("train"), store.targets("train")),
+                  "test": Split(store.f0("test"), store.targets("test"), store.jacobian("test"))}
+        return [{"value": value, **score, **_solve_metrics(result)}
+                for value, result, score in zip(values, results, evaluate(results, splits))]
 
 
 def _solve_metrics(result) -> dict:
