@@ -41,7 +41,7 @@ import h5py
 import numpy as np
 import torch
 
-from jacobian_store.architectures import available_models, create_model, parameter_count
+from jacobian_store.architectures import NETWORK_DTYPES, add_network_arguments, create_model, parameter_count
 from jacobian_store.functional import initial_parameters, parameter_layout
 from jacobian_store.progress import progress_bar
 from jacobian_store.provenance import library_versions
@@ -49,7 +49,7 @@ from jacobian_store.sizes import available_memory, format_bytes, parse_bytes
 from jacobian_store.store import (FORMAT_VERSION, JacobianStore, StoreError, dataset_spec_json, exclusive_lock,
                                   open_hdf5)
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
+DTYPES = {name: getattr(torch, name) for name in NETWORK_DTYPES}
 # HDF5 chunks of about this size: one chunk is the unit of every read and write, and 32 MiB keeps
 # the chunk cache small while making each I/O call large.
 HDF5_CHUNK_BYTES = 32 * 2**20
@@ -473,15 +473,10 @@ def _parser() -> argparse.ArgumentParser:
         epilog="Example: bin/build-jacobian --arch lenet --width 5 --dataset mnist --binary 0 --n-train 2000 "
                "--out runs/lenet-w5.h5\nThe store's layout is documented in README.md ('The store format').",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    model = parser.add_argument_group("network")
-    model.add_argument("--arch", default="lenet", choices=available_models(), help="architecture (default lenet)")
-    model.add_argument("--width", type=float, default=1.0,
-                       help="width factor k: every hidden channel and unit count is multiplied by k (default 1)")
-    model.add_argument("--seed", type=int, default=0, help="seed of the initialization w0 (default 0)")
+    add_network_arguments(parser)
     add_data_arguments(parser)
     build = parser.add_argument_group("build")
     build.add_argument("--out", required=True, type=Path, help="the HDF5 store to write (or resume)")
-    build.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="dtype of J (default float32)")
     build.add_argument("--device", default="auto", help="auto (a GPU when present), cpu, cuda or cuda:N")
     build.add_argument("--test-jacobian", action="store_true",
                        help="also store the test set's Jacobian (not needed to evaluate: solvers use a jvp)")
@@ -503,8 +498,6 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = _parser()
     args = parser.parse_args(argv)
-    if not (math.isfinite(args.width) and args.width > 0):
-        parser.error(f"--width must be a positive number, got {args.width}")
     if args.discard_solutions and not args.overwrite:
         parser.error("--discard-solutions only applies with --overwrite (it names what --overwrite may delete)")
     if args.chunk_samples is not None and args.chunk_samples <= 0:

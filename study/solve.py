@@ -260,21 +260,18 @@ def _options_from_args(parser, args, method) -> dict:
 # ---- matrix-free: J of the network itself, by jvp and vjp (no store) ----------------------------
 
 MATRIX_FREE_METHODS = ("cg", "rsvd", "auto")
-NETWORK_DTYPES = ("float32", "float64")
 
 
 def _add_matrix_free_arguments(parser) -> None:
-    """The network and data options of bin/build-jacobian, defining J when there is no --store."""
-    from jacobian_store.architectures import available_models
+    """The network and data options of bin/build-jacobian, defining J when there is no --store (--seed
+    and --dtype are this command's solver options, so w0's seed is --init-seed and the jvp/vjp's
+    dtype --network-dtype)."""
+    from jacobian_store.architectures import add_network_arguments
     from jacobian_store.datasets import add_data_arguments
 
-    net = parser.add_argument_group("network (without --store: J = ∂f(w0, X)/∂w, never formed)")
-    net.add_argument("--arch", default="lenet", choices=available_models(), help="architecture (default lenet)")
-    net.add_argument("--width", type=float, default=1.0, help="width factor k (default 1)")
-    net.add_argument("--init-seed", type=int, default=0,
-                     help="seed of the initialization w0: bin/build-jacobian's --seed (default 0)")
-    net.add_argument("--network-dtype", choices=NETWORK_DTYPES, default="float32",
-                     help="dtype of the jvp/vjp (default float32, as a store's J)")
+    net = add_network_arguments(parser, seed_flag="--init-seed", dtype_flag="--network-dtype",
+                                dtype_help="dtype of the jvp/vjp (default float32, as a store's J)",
+                                title="network (without --store: J = ∂f(w0, X)/∂w, never formed)")
     net.add_argument("--jvp-batch-size", type=int, help="samples per jvp/vjp (default: as many as the memory allows)")
     add_data_arguments(parser)
 
@@ -307,8 +304,6 @@ def _check_matrix_free_args(parser, args, method) -> None:
             parser.error(f"{flag} applies to a store; without --store u is written by --save-u FILE.npy")
     if args.path and not args.out:
         parser.error("--path without --store needs --out PREFIX for its table and figure")
-    if args.width <= 0:
-        parser.error(f"--width must be positive, got {args.width}")
 
 
 def _default_name(method, options) -> str:

@@ -128,3 +128,24 @@ def test_help_says_what_each_method_holds_in_memory():
     text = build_parser().format_help()
     for needle in ("K = J Jᵀ", "JᵀJ", "cg", "rsvd (rank k)", "sgd", "refused before it reads J"):
         assert needle in text
+
+
+def test_bin_solve_and_build_jacobian_share_the_network_options(capsys):
+    """One argparse helper (jacobian_store.architectures.add_network_arguments) for both commands; each
+    keeps its own flags for the seed of w0 and the dtype (bin/solve's --seed and --dtype are solver options)."""
+    from jacobian_store.build import _parser as build_parser_
+
+    def network_group(parser):
+        (group,) = [g for g in parser._action_groups if g.title.startswith("network")]
+        return {a.option_strings[0]: (a.default, a.choices) for a in group._group_actions}
+
+    build, solve_ = network_group(build_parser_()), network_group(build_parser())
+    assert build == {"--arch": ("lenet", build["--arch"][1]), "--width": (1.0, None), "--seed": (0, None),
+                     "--dtype": ("float32", ("float32", "float64"))}
+    assert {k: v for k, v in solve_.items() if k != "--jvp-batch-size"} == {
+        "--arch": build["--arch"], "--width": build["--width"], "--init-seed": build["--seed"],
+        "--network-dtype": build["--dtype"]}
+    for parser in (build_parser_(), build_parser()):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--width", "-1", "--out", "x.h5"])
+        assert "argument --width: must be a positive number, got -1" in capsys.readouterr().err
