@@ -16,8 +16,8 @@ Checks (``CHECKS``, in order; ``--checks`` picks some):
 - ``lstsq``, ``ridge``, ``cg``, ``rsvd``, ``sgd``: ``solve`` with the CPU-built J held on the device
   (one upload, every product there) against ``solve`` on the store on the CPU; the same J on both
   sides, so the solvers alone are compared.
-- ``matrix-free cg``: CGLS on J given only as J·v (jvp) and Jᵀ·w (vjp) of the network on the
-  device, never formed, against CGLS on the stored J on the CPU.
+- ``matrix-free cg``: ``solve(..., method="cg")`` on the network's ``NetworkJacobian`` on the
+  device (J·v by jvp, Jᵀ·w by vjp, never formed) against CGLS on the stored J on the CPU.
 - ``second gpu``: the store built on cuda:1 equals the one built on the checked GPU (skipped
   without a second GPU).
 
@@ -42,18 +42,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import scipy.sparse.linalg
 import torch
 import torch.nn.functional as F
 
 from jacobian_store.build import BuildSpec, build_store
 from jacobian_store.datasets import load_dataset
 from jacobian_store.device import Device, resolve_device, to_numpy
-from jacobian_store.functional import initial_parameters, jvp_outputs, parameter_layout, unflatten, vjp_flat
 from jacobian_store.gram import gram_matrix
+from jacobian_store.matrix_free import NetworkJacobian
 from jacobian_store.store import JacobianStore
 from solvers import solve
-from solvers.cg import cgls
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 EPS32 = float(np.finfo(np.float32).eps)
@@ -295,55 +293,29 @@ def check_solver(ctx: Context, method: str) -> list[Row]:
     return [row]
 
 
-def network_jacobian(model, x: torch.Tensor, device: Device, batch: int) -> scipy.sparse.linalg.LinearOperator:
-    """J of ``model`` at its weights on inputs ``x``, as J·v by jvp and Jᵀ·w by vjp on ``device``,
-    batched over ``batch`` samples; vectors are float64 NumPy, products float32 on the device."""
-    model = model.to(device.torch)
-    params = initial_parameters(model)
-    layout = parameter_layout(model)
-    n, p = x.shape[0], sum(slot.size for slot in layout)
-    n_outputs = model(x[:1].to(device.torch)).shape[1]
-    dtype = next(iter(params.values())).dtype
-
-    def matvec(v):
-        tangent = unflatten(torch.as_tensor(np.ravel(v), device=device.torch, dtype=dtype), layout)
-        parts = [jvp_outputs(model, params, x[i:i + batch].to(device.torch), tangent)[1]
-                 for i in range(0, n, batch)]
-        return torch.cat(parts).reshape(-1).double().cpu().numpy()
-
-    def rmatvec(w):
-        w = torch.as_tensor(np.ravel(w), device=device.torch, dtype=dtype).reshape(n, n_outputs)
-        total = torch.zeros(p, device=device.torch, dtype=torch.float64)
-        for i in range(0, n, batch):
-            total += vjp_flat(model, params, x[i:i + batch].to(device.torch), w[i:i + batch]).double()
-        return total.cpu().numpy()
-
-    return scipy.sparse.linalg.LinearOperator((n * n_outputs, p), matvec=matvec, rmatvec=rmatvec, dtype=np.float64)
-
-
 def check_matrix_free_cg(ctx: Context) -> list[Row]:
-    """J as jvp/vjp of the network on the device (J never formed) against the stored J on the CPU:
-    the products J·v and Jᵀ·w for random v, w, then converged CGLS on each."""
+    """J as jvp/vjp of the network on the device (``NetworkJacobian``, J never formed) against the
+    stored J on the CPU: the products J·v and Jᵀ·w for random v, w, then converged ``solve(...,
+    method="cg")`` on each."""
     options = ctx.solver_options("cg")
     J = ctx.cpu_J
-    op = network_jacobian(ctx.cpu_store.model("cpu"), ctx.dataset.train.x, ctx.device, ctx.args.matrix_free_batch)
+    op = NetworkJacobian(ctx.cpu_store.model("cpu"), ctx.dataset.train.x, device=str(ctx.device),
+                         batch_size=ctx.args.matrix_free_batch)
     rng = np.random.default_rng(0)
     v, w = rng.standard_normal(J.shape[1]), rng.standard_normal(J.shape[0])
-    with ctx.device.exact_float32():
-        (Jv, JTw), product_seconds = timed(lambda: (op.matvec(v), op.rmatvec(w)), ctx.device)
+    (Jv, JTw), product_seconds = timed(lambda: (op.matvec(v), op.rmatvec(w)), ctx.device)
     (Jv_cpu, JTw_cpu), cpu_product_seconds = timed(lambda: (J.matvec(v), J.rmatvec(w)), ctx.cpu)
     rows = [compared("matrix-free J·v", product_seconds, cpu_product_seconds, relative_error(Jv, Jv_cpu),
                      MATRIX_FREE_PRODUCT_RTOL, f"one J·v and one Jᵀ·w; Jᵀ·w error {relative_error(JTw, JTw_cpu):.1e}"),
             compared("matrix-free Jᵀ·w", None, None, relative_error(JTw, JTw_cpu), MATRIX_FREE_PRODUCT_RTOL)]
     reference, cpu_seconds = ctx.cpu_solve("cg", options)
-    with ctx.device.exact_float32():
-        (u, rho, info, _), device_seconds = timed(
-            lambda: cgls(op, ctx.residual, maxiter=options["maxiter"], tol=options["tol"]), ctx.device)
-    note = (f"{info['n_iter']} it ({reference.n_iter} on cpu), {device_seconds / max(info['n_iter'], 1) * 1e3:.1f} "
-            f"ms/it; {info['stop_reason']}")
-    row = compared("matrix-free cg", device_seconds, cpu_seconds, relative_error(u, reference.u),
+    result, device_seconds = timed(lambda: solve(op, ctx.residual, method="cg", device=str(ctx.device), **options),
+                                   ctx.device)
+    note = (f"{result.n_iter} it ({reference.n_iter} on cpu), {device_seconds / max(result.n_iter, 1) * 1e3:.1f} "
+            f"ms/it; {result.stop_reason}")
+    row = compared("matrix-free cg", device_seconds, cpu_seconds, relative_error(to_numpy(result.u), reference.u),
                    MATRIX_FREE_CG_RTOL, note)
-    if not (info["converged"] and reference.converged):
+    if not (result.converged and reference.converged):
         row.status, row.note = "FAIL", f"not converged, so not comparable: raise --cg-iterations; {note}"
     return rows + [row]
 
