@@ -50,7 +50,7 @@ def add_network_arguments(parser: argparse.ArgumentParser, *, seed_flag: str = "
     """
     group = parser.add_argument_group(title)
     group.add_argument("--arch", default="lenet", choices=available_models(), help="architecture (default lenet)")
-    group.add_argument("--width", type=_width, default=1.0,
+    group.add_argument("--width", type=float, default=1.0, action=_WidthAction,
                        help="width factor k: every hidden channel and unit count is multiplied by k (default 1)")
     seed_help = "seed of the initialization w0 (default 0)"
     if seed_flag != "--seed":
@@ -60,14 +60,13 @@ def add_network_arguments(parser: argparse.ArgumentParser, *, seed_flag: str = "
     return group
 
 
-def _width(text: str) -> float:
-    try:
-        width = float(text)
-    except ValueError:
-        width = math.nan
-    if not (math.isfinite(width) and width > 0):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return width
+class _WidthAction(argparse.Action):
+    """Stores --width after checking it is a positive finite number."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        if not (math.isfinite(value) and value > 0):
+            parser.error(f"{option_string} must be a positive number, got {value}")
+        setattr(namespace, self.dest, value)
 
 
 def scaled(channels: int, width: float) -> int:

@@ -148,4 +148,4 @@ def test_bin_solve_and_build_jacobian_share_the_network_options(capsys):
     for parser in (build_parser_(), build_parser()):
         with pytest.raises(SystemExit):
             parser.parse_args(["--width", "-1", "--out", "x.h5"])
-        assert "argument --width: must be a positive number, got -1" in capsys.readouterr().err
+        assert "--width must be a positive number, got -1" in capsys.readouterr().err
