@@ -27,6 +27,7 @@ import numpy as np
 from jacobian_store.progress import progress_bar
 from jacobian_store.provenance import dumps, jsonable
 from solvers.api import PATH_KNOBS, solve, solve_path
+from study.evaluation import Split, evaluate
 
 # What to change when a solver diverges, in bin/solve's flags.
 DIVERGENCE_FIX = {"sgd": "Lower --lr (e.g. by 10×) or raise --batch-size."}
@@ -85,8 +86,6 @@ def fit(request: FitRequest) -> FitReport:
 def _fit_store(req: FitRequest) -> FitReport:
     from jacobian_store.store import JacobianStore
 
-    from study.evaluation import Split
-
     started = time.perf_counter()
     with JacobianStore.open(req.store) as store, contextlib.ExitStack() as cluster:
         identity = store.identity  # a save checks that the store was not replaced meanwhile
@@ -119,8 +118,6 @@ def _fit_network(req: FitRequest) -> FitReport:
 
     from jacobian_store.architectures import create_model
     from jacobian_store.matrix_free import NetworkJacobian
-
-    from study.evaluation import Split
 
     started = time.perf_counter()
     net = req.network
@@ -185,8 +182,6 @@ def _test_split(req: FitRequest, model, dataset):
     train accuracy is still reported, with a warning saying why test accuracy is missing)."""
     if not req.test:
         return None, "skipped (--no-test)"
-    from study.evaluation import Split
-
     try:
         data = dataset()
         return Split.of_network(model(), data.test.x, data.test.targets.numpy(), device=req.device,
@@ -198,8 +193,6 @@ def _test_split(req: FitRequest, model, dataset):
 
 
 def _records(req: FitRequest, results, names, train, test, note) -> list[dict]:
-    from study.evaluation import evaluate
-
     splits = {"train": train, **({"test": test} if test is not None else {})}
     scores = evaluate(progress_bar(results, enabled=req.progress and len(results) > 1, desc="evaluate"), splits)
     records = []
