@@ -20,9 +20,8 @@ import pytest
 
 from conftest import REPO, assert_equal_to_float32_rounding
 from jacobian_store.architectures import create_model, n_parameters, parameter_count
-from jacobian_store.build import BuildSpec, build_store, partial_path
+from jacobian_store.build import partial_path
 from jacobian_store.build import main as build_main
-from jacobian_store.datasets import load_dataset
 from jacobian_store.store import JacobianStore, StoreError, exclusive_lock
 from study.solve import main as solve_main
 from study.train import main as train_main

@@ -7,7 +7,6 @@ float64 matrix.
 from __future__ import annotations
 
 import json
-import warnings
 
 import h5py
 import numpy as np
