@@ -458,8 +458,9 @@ def _held_float32(op, panel_bytes):
 
 
 def _float32_gram(work, form, panel_bytes, progress):
-    """Â = fl₃₂(J Jᵀ) (dual) or fl₃₂(JᵀJ) (primal); J held in memory is multiplied by itself at once."""
-    if isinstance(work, ArrayRowOperator):
+    """Â = fl₃₂(J Jᵀ) (dual) or fl₃₂(JᵀJ) (primal); a float32 J in memory is multiplied by itself at
+    once, anything else streams (a float64 J rounded to float32 block by block: Â only preconditions)."""
+    if isinstance(work, ArrayRowOperator) and work.J.dtype == np.float32:
         J = work.J
         return J @ J.T if form == "dual" else J.T @ J
     return gram_for_form(work, form, device="cpu", panel_bytes=panel_bytes, progress=progress, dtype=np.float32)
