@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="lstsq, ridge: K = J Jᵀ (dual) or JᵀJ (primal); auto takes the smaller")
     knobs.add_argument("--precision", choices=("auto", "float64", "mixed"),
                        help="lstsq, ridge: mixed = float32 Gram refined to float64 accuracy (falls back to float64 "
-                            "when float32 cannot resolve J); auto = mixed for Gram matrices of order ≥ 1,000 on the "
+                            "when float32 cannot resolve J); auto = mixed for Gram matrices of order ≥ 64 on the "
                             "CPU (default: auto; see solvers/direct.py)")
     knobs.add_argument("--rcond", type=float, help="lstsq, rsvd: singular values ≤ rcond·σ_max count as zero "
                                                     "(default: the rounding floor, see solvers/direct.py)")

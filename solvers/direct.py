@@ -49,26 +49,27 @@ Cholesky of the float32 Gram, and refines in float64 against the system M stands
 
     x₀ = M⁻¹ b,   s_k = b − A x_k   (float64 products with the stored J),   x_{k+1} = x_k + M⁻¹ s_k
 
-stopping at the first k with
+stopping at the first k with ‖s_k‖ ≤ ε₆₄·β_k (the backward error of float64 working precision) or
+with ‖s_k‖ > ½‖s_{k−1}‖ (s₋₁ = b: refinement has stopped contracting), which counts as converged when
 
-    ‖s_k‖ ≤ φ = √N·ε₆₄·(β + (‖J‖_F² + λ)‖x_k‖),    β = ‖r‖ (dual), ‖J‖_F‖r‖ (primal),
+    ‖s_k‖ ≤ φ_k = √N·ε₆₄·β_k,    β_k = β + (‖J‖_F² + λ)‖x_k‖,    β = ‖r‖ (dual), ‖J‖_F‖r‖ (primal),
 
-N = max(n·L, p): a normwise backward error of √N·ε₆₄ (‖A‖₂ ≤ ‖J‖_F² + λ). That is the rounding
-of evaluating s_k in float64 at all (a float64 dot product of length N errs by about √N·ε₆₄ times
-the sum of its terms' sizes; computing u = Jᵀα, J u and Jᵀr adds errors of these sizes), so it is
-the float64 route's own standard: its answer's residual is bounded the same way, and below φ no
-float64 evaluation tells the two answers apart. It is LAPACK's DSPOSV test (float32 Cholesky,
-float64 refinement, ‖b − A x‖ ≤ √n·ε·‖A‖‖x‖) with the residual computed from J. On the store
-below, φ/‖r‖ = 1.7e-9, and the step that crosses it lands at 3e-12.
+N = max(n·L, p): a normwise backward error of √N·ε₆₄ (‖A‖₂ ≤ ‖J‖_F² + λ). φ_k is the rounding of
+evaluating s_k in float64 at all (a float64 dot product of length N errs by about √N·ε₆₄ times the
+sum of its terms' sizes; forming u = Jᵀα, J u and Jᵀr adds errors of these sizes), so it is the
+float64 route's own standard: its answer's residual is bounded the same way, and below φ_k no float64
+evaluation tells the two answers apart. This is LAPACK's refinement: the stopping test of xGERFS
+(backward error ≤ ε, or no longer halved) and the acceptance bound of DSPOSV (float32 Cholesky,
+float64 refinement, ‖b − A x‖ ≤ √n·ε·‖A‖‖x‖), with the residual computed from J.
 
 The residual contracts by the spectral radius ρ of G = I − A M⁻¹ per step, ρ ≈ ‖E‖₂/ŵ_min with
 E = Â − A the float32 Gram's rounding. On the 2,000 × 60,941 LeNet store ‖E‖₂ = 4.2e-9·w_max and
 w_min = 1.3e-6·w_max: ρ ≈ 2e-4, and three steps take ‖s‖/‖r‖ from 4e-5 to 3e-12 (a float32
 Cholesky of Â contracts by 5e-3 only and needs a step more; a float64 Cholesky of a 2,000 × 2,000
 matrix costs 2% of the Gram). Mixed stops and falls back to float64, saying why in
-``extras["precision_fallback"]``, when Â + λI is not positive definite, when a step contracts the
-residual by less than ½, or when the contraction seen would need more than
-``REFINEMENT_MAX_STEPS`` steps to reach φ (then the float64 route is faster): float32 does not
+``extras["precision_fallback"]``, when Â + λI is not positive definite, when refinement stops
+contracting (or runs out of steps) above φ_k, or when the contraction seen would need more than
+``REFINEMENT_MAX_STEPS`` steps to reach φ_k (then the float64 route is faster): float32 does not
 resolve A's small eigenvalues.
 
 **The cut-off in mixed precision** (λ = 0). The answer must be the float64 route's pseudo-inverse
@@ -117,15 +118,16 @@ FORMS = ("auto", "dual", "primal")
 DRIVERS = ("gelsd", "gelsy", "gelss")
 PRECISIONS = ("auto", "float64", "mixed")
 # "auto" takes mixed precision from this Gram order n = min(n·L, p) on (see resolve_precision).
-MIXED_MIN_ORDER = 1000
+MIXED_MIN_ORDER = 64
 # Refinement steps before falling back to float64: each costs two passes over J, and twenty
 # passes cost about what the float32 Gram saves at n = 2,000 (benchmarks/bench_solvers.py).
 REFINEMENT_MAX_STEPS = 10
 # The largest contraction per step that test (ii) of the module docstring accepts.
 REFINEMENT_MAX_CONTRACTION = 0.5
 # Rows of a float32 J held in memory are cast to float64 in blocks of about this size, small
-# enough to stay in cache between the cast and the product.
-HELD_BLOCK_BYTES = 4 * 2**20
+# enough to stay in cache between the cast and the product: a float64 pass over the 2,000 × 60,941
+# J took 0.08 s (one thread) in 2 MB blocks, 0.20 s in the 64 MB slices of operators.SLICE_BYTES.
+HELD_BLOCK_BYTES = 2 * 2**20
 
 
 def gram_rcond(shape) -> float:
@@ -345,9 +347,14 @@ def resolve_precision(precision: str, shape, device: str, *, driver=None, factor
         return "mixed"
     if precision == "float64" or driver is not None or device != "cpu" or factorization == "eigh":
         return "float64"
-    # auto. The float32 Gram saves half of n²·N/2 float64 flops; refinement adds about 2 + 2·steps
-    # passes over J (2·n·N flops each, bound by memory traffic). Below MIXED_MIN_ORDER the saving
-    # is smaller than those passes (measured: benchmarks/bench_solvers.py --precision-scan).
+    # auto. The float32 Gram halves the cost of the n²·N/2 Gram flops; refinement adds 2·steps
+    # passes over J (≈ 3 steps, each pass 2·n·N flops bound by memory traffic) and an eigvalsh in
+    # place of the eigh. Measured (one thread, the store's rows, J in memory): mixed was faster at
+    # every order tried, float32 or float64 J, dual or primal, e.g. 0.024 s vs 0.028 s at n = 64,
+    # 1.3 s vs 2.8 s at n = 1,000, 5.0 s vs 10.3 s at n = 2,000 (benchmarks/bench_solvers.py
+    # --precision-scan). Below n = 64 both take milliseconds and float64 gives the exact spectrum.
+    # A J that float32 cannot resolve costs the mixed attempt (its float32 Gram and eigvalsh, about
+    # half the float64 solve) before the fallback.
     return "mixed" if min(shape) >= MIXED_MIN_ORDER else "float64"
 
 
@@ -364,8 +371,8 @@ class _Refined:
     @property
     def stop_reason(self) -> str:
         e = self.extras
-        return (f"direct solve (float32 Gram, float64 refinement: ‖b − A x‖ = {e['refinement_residual']:.2e} ≤ "
-                f"φ = {e['residual_floor']:.2e} after {self.steps} step{'s' if self.steps > 1 else ''})")
+        return (f"direct solve (float32 Gram, float64 refinement: ‖b − A x‖ = {e['refinement_residual']:.2e}, "
+                f"φ = {e['residual_floor']:.2e}, after {self.steps} step{'s' if self.steps > 1 else ''})")
 
     def fallback_extras(self) -> dict:
         """Extras of the float64 solve that replaced this attempt: why, and what refinement saw."""
@@ -413,21 +420,26 @@ def _solve_mixed(op, r, form, *, lam, rcond, panel_bytes, progress) -> _Refined:
         # s = b − A x with every product of J in float64
         s = (r - fitted if dual else work.rmatvec(r - fitted)) - lam * x
         s_norm = float(np.linalg.norm(s))
-        beta = r_norm if dual else fro * r_norm  # ‖b‖, or the size of the terms forming Jᵀr
-        floor = root_n_eps * (beta + (fro ** 2 + lam) * float(np.linalg.norm(x)))
+        beta = (r_norm if dual else fro * r_norm) + (fro ** 2 + lam) * float(np.linalg.norm(x))
+        floor = root_n_eps * beta  # φ_k: the acceptance bound; EPS64·β_k: working precision
         ratio = s_norm / previous if previous > 0 else 0.0
         history.append(s_norm / b_norm if b_norm > 0 else 0.0)
         extras.update(refinement_steps=step, refinement_residuals=list(history), refinement_residual=s_norm,
                       residual_floor=floor, refinement_contraction=max(contraction, ratio))
-        if s_norm <= floor:
+        if s_norm <= EPS64 * beta:
             return _Refined(u, fitted, step, extras)
-        if ratio > REFINEMENT_MAX_CONTRACTION:
+        if ratio > REFINEMENT_MAX_CONTRACTION or step == REFINEMENT_MAX_STEPS:
+            if s_norm <= floor:  # no longer contracting, at the rounding of evaluating s: converged
+                extras["refinement_contraction"] = contraction
+                return _Refined(u, fitted, step, extras)
+            why = (f"step {step} reduced ‖b − A x‖ by a factor {ratio:.2g} only (more than "
+                   f"{REFINEMENT_MAX_CONTRACTION:g})" if ratio > REFINEMENT_MAX_CONTRACTION else
+                   f"REFINEMENT_MAX_STEPS = {REFINEMENT_MAX_STEPS} steps were taken")
             return _Refined(None, None, step, extras, reason=(
-                f"refinement step {step} reduced ‖b − A x‖ by a factor {ratio:.2g} only (more than "
-                f"{REFINEMENT_MAX_CONTRACTION:g}) at ‖b − A x‖ = {s_norm:.2e} > φ = {floor:.2e}: float32 does not "
-                f"resolve the smallest eigenvalues of A"))
+                f"refinement {why} at ‖b − A x‖ = {s_norm:.2e} > φ = {floor:.2e}: float32 does not resolve the "
+                f"smallest eigenvalues of A"))
         contraction = max(contraction, ratio)
-        needed = np.log(floor / s_norm) / np.log(ratio)
+        needed = np.log(floor / s_norm) / np.log(ratio) if s_norm > floor else 0.0
         if step + needed > REFINEMENT_MAX_STEPS:
             return _Refined(None, None, step, extras, reason=(
                 f"at the contraction seen ({ratio:.2g} per step) refinement would need about {step + needed:.0f} "
