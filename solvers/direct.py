@@ -119,8 +119,9 @@ DRIVERS = ("gelsd", "gelsy", "gelss")
 PRECISIONS = ("auto", "float64", "mixed")
 # "auto" takes mixed precision from this Gram order n = min(n·L, p) on (see resolve_precision).
 MIXED_MIN_ORDER = 64
-# Refinement steps before falling back to float64: each costs two passes over J, and twenty
-# passes cost about what the float32 Gram saves at n = 2,000 (benchmarks/bench_solvers.py).
+# Refinement steps before falling back to float64: each costs two passes over J; ten steps at
+# n = 2,000 (20 passes, ≈ 1.6 s of one thread on the store's J held in float32) cost about half
+# of what the float32 Gram saves there (≈ 3.5 s), so a slower refinement is no longer worth it.
 REFINEMENT_MAX_STEPS = 10
 # The largest contraction per step that test (ii) of the module docstring accepts.
 REFINEMENT_MAX_CONTRACTION = 0.5
