@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -63,13 +64,27 @@ def timed(fn):
     return out, time.perf_counter() - t0
 
 
-def median_run(fn, repeats: int):
-    """(last result, median wall time, all times) of ``repeats`` calls."""
-    times, out = [], None
+def cpu_seconds() -> float:
+    """CPU time (user + system) of this process and of its finished children: less sensitive than
+    wall time to other jobs on a shared machine (though not immune: BLAS threads spin-wait)."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def median_runs(fns: dict, repeats: int) -> dict:
+    """{name: (last result, median wall time, all wall times, median CPU time)} of ``repeats``
+    rounds of calling every function once, interleaved, so that a change of load on a shared
+    machine hits all of them."""
+    outs = {name: (None, [], []) for name in fns}
     for _ in range(repeats):
-        out, seconds = timed(fn)
-        times.append(seconds)
-    return out, statistics.median(times), times
+        for name, fn in fns.items():
+            cpu0 = cpu_seconds()
+            out, seconds = timed(fn)
+            _, walls, cpus = outs[name]
+            outs[name] = (out, walls + [seconds], cpus + [cpu_seconds() - cpu0])
+    return {name: (out, statistics.median(walls), walls, statistics.median(cpus))
+            for name, (out, walls, cpus) in outs.items()}
 
 
 def rel(a, b) -> float:
@@ -81,37 +96,37 @@ def solve_command(store: Path, extra: list[str], data_root: Path) -> list[str]:
             "--data-root", str(data_root), *extra]
 
 
-def time_command(cmd: list[str]) -> tuple[float, dict]:
-    """Wall time of the whole command, and its JSON record."""
+def run_command(cmd: list[str]) -> dict:
+    """Run the whole command; return its JSON record."""
     with tempfile.TemporaryDirectory() as tmp:
         record = Path(tmp) / "record.json"
-        t0 = time.perf_counter()
         proc = subprocess.run(cmd + ["--json", str(record)], capture_output=True, text=True, cwd=REPO)
-        seconds = time.perf_counter() - t0
         if proc.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-        return seconds, json.loads(record.read_text())
+        return json.loads(record.read_text())
 
 
 def lstsq_rows(J, r, J_mem, repeats: int) -> tuple[list[dict], np.ndarray]:
     """lstsq mixed and float64 (median of ``repeats``) against gelsd; returns the rows and u_gelsd."""
-    results = {}
-    for precision in ("mixed", "float64"):
-        res, seconds, times = median_run(lambda: solve(J, r, "lstsq", precision=precision), repeats)
-        results[precision] = (res, seconds, times)
+    results = median_runs({precision: (lambda precision=precision: solve(J, r, "lstsq", precision=precision))
+                           for precision in ("mixed", "float64")}, repeats)
+    for precision, (res, seconds, times, cpu) in results.items():
         print(f"lstsq {precision:8s} (out of core) median {seconds:6.2f} s of {', '.join(f'{t:.2f}' for t in times)}"
-              f"   {res.summary()}", flush=True)
+              f" (CPU {cpu:.2f} s)   {res.summary()}", flush=True)
     # float64 LAPACK (dgelsd: J is promoted to r's float64, an exact copy of the stored matrix)
+    cpu0 = cpu_seconds()
     (u_ref, _, rank_ref, sv_ref), t_ref = timed(lambda: scipy.linalg.lstsq(J_mem, r, lapack_driver="gelsd"))
-    print(f"scipy gelsd (J in memory)      {t_ref:6.2f} s   rank {rank_ref}", flush=True)
+    cpu_ref = cpu_seconds() - cpu0
+    print(f"scipy gelsd (J in memory)      {t_ref:6.2f} s (CPU {cpu_ref:.2f} s)   rank {rank_ref}", flush=True)
     ju_ref = J_mem @ u_ref
     rows = []
-    for precision, (res, seconds, times) in results.items():
+    for precision, (res, seconds, times, cpu) in results.items():
         ju = J_mem @ res.u  # float64 products (J promoted)
         sv, tau = res.extras["singular_values"], res.extras["cutoff"]
         between = int(((sv_ref <= tau) & (sv_ref > np.finfo(np.float64).eps * sv_ref[0])).sum())
         row = {"method": f"lstsq ({res.extras['precision']})", "precision": precision, "seconds": seconds,
-               "runs": times, "gelsd_seconds": t_ref, "speedup": t_ref / seconds, "rel_diff_Ju": rel(ju, ju_ref),
+               "runs": times, "cpu_seconds": cpu, "gelsd_seconds": t_ref, "gelsd_cpu_seconds": cpu_ref,
+               "speedup": t_ref / seconds, "cpu_speedup": cpu_ref / cpu, "rel_diff_Ju": rel(ju, ju_ref),
                "rel_diff_u": rel(res.u, u_ref), "residual": rel(ju, r), "gelsd_residual": rel(ju_ref, r),
                "rank": res.extras["rank"], "gelsd_rank": int(rank_ref), "cutoff": tau, "sigma_max": float(sv[0]),
                "sigma_min": float(sv_ref[-1]), "between_cutoffs": between,
@@ -119,55 +134,58 @@ def lstsq_rows(J, r, J_mem, repeats: int) -> tuple[list[dict], np.ndarray]:
                "refinement_contraction": res.extras.get("refinement_contraction"),
                "precision_fallback": res.extras.get("precision_fallback"),
                "sv_max_rel_diff": float(np.max(np.abs(sv - sv_ref) / sv_ref))}
-        print(f"  {precision}: {row['speedup']:.1f}× gelsd; ‖Ju − Ju_gelsd‖/‖Ju_gelsd‖ = {row['rel_diff_Ju']:.2e}; "
+        print(f"  {precision}: {row['speedup']:.1f}× gelsd (CPU time {row['cpu_speedup']:.1f}×); ‖Ju − Ju_gelsd‖/‖Ju_gelsd‖ = {row['rel_diff_Ju']:.2e}; "
               f"‖u − u_gelsd‖/‖u_gelsd‖ = {row['rel_diff_u']:.2e}; ‖Ju − r‖/‖r‖ {row['residual']:.2e} (gelsd "
               f"{row['gelsd_residual']:.2e}); σ_i vs gelsd's: max relative difference {row['sv_max_rel_diff']:.1e}; "
               f"rank {row['rank']} (gelsd {rank_ref}), {between} singular values between the cut-offs", flush=True)
         rows.append(row)
     mixed, f64 = rows
-    print(f"  mixed / float64: {f64['seconds'] / mixed['seconds']:.2f}× faster; "
+    print(f"  mixed / float64: {f64['seconds'] / mixed['seconds']:.2f}× faster (CPU time "
+          f"{f64['cpu_seconds'] / mixed['cpu_seconds']:.2f}×); "
           f"{mixed['refinement_steps']} refinement steps, contraction {mixed['refinement_contraction']}", flush=True)
     return rows, u_ref
 
 
 def command_rows(store: Path, data_root: Path, repeats: int) -> list[dict]:
-    """The whole ``bin/solve --method lstsq`` command, mixed and float64 (median) and gelsd (once)."""
+    """The whole ``bin/solve --method lstsq`` command, mixed and float64 (median, interleaved) and
+    gelsd (once)."""
+    extras = {"mixed": ["--precision", "mixed"], "float64": ["--precision", "float64"]}
+    runs = median_runs({label: (lambda extra=extra: run_command(solve_command(store, extra, data_root)))
+                        for label, extra in extras.items()}, repeats)
+    runs["gelsd"] = median_runs({"gelsd": lambda: run_command(solve_command(store, ["--driver", "gelsd"], data_root))},
+                                1)["gelsd"]
     rows = []
-    for label, extra, n in (("mixed", ["--precision", "mixed"], repeats),
-                            ("float64", ["--precision", "float64"], repeats),
-                            ("gelsd", ["--driver", "gelsd"], 1)):
-        cmd = solve_command(store, extra, data_root)
-        times, record = [], None
-        for _ in range(n):
-            seconds, record = time_command(cmd)
-            times.append(seconds)
-        seconds = statistics.median(times)
-        row = {"method": f"bin/solve --method lstsq {' '.join(extra)}", "seconds": seconds, "runs": times,
-               "solve_seconds": record["wall_time"], "command_seconds_recorded": record["seconds"],
-               "precision": record["extras"].get("precision"), "test_acc": record.get("test_acc"),
-               "train_acc": record.get("train_acc")}
-        print(f"{row['method']:48s} median {seconds:6.2f} s of {', '.join(f'{t:.2f}' for t in times)} "
-              f"(solve {record['wall_time']:.2f} s; outside the solve {seconds - record['wall_time']:.2f} s; "
+    for label, (record, seconds, times, cpu) in runs.items():
+        flags = " ".join(extras.get(label, ["--driver", "gelsd"]))
+        row = {"method": f"bin/solve --method lstsq {flags}", "seconds": seconds, "runs": times, "cpu_seconds": cpu,
+               "solve_seconds": record["wall_time"], "precision": record["extras"].get("precision"),
+               "test_acc": record.get("test_acc"), "train_acc": record.get("train_acc")}
+        print(f"{row['method']:48s} median {seconds:6.2f} s of {', '.join(f'{t:.2f}' for t in times)}, "
+              f"CPU {cpu:.2f} s (solve {record['wall_time']:.2f} s; outside the solve {seconds - record['wall_time']:.2f} s; "
               f"train acc {record.get('train_acc')}, test acc {record.get('test_acc')})", flush=True)
         rows.append(row)
-    gelsd = rows[-1]["seconds"]
+    gelsd = rows[-1]
     for row in rows[:-1]:
-        row["speedup_vs_gelsd_command"] = gelsd / row["seconds"]
-        print(f"  whole command {row['precision']}: {row['speedup_vs_gelsd_command']:.1f}× the gelsd command", flush=True)
+        row["speedup_vs_gelsd_command"] = gelsd["seconds"] / row["seconds"]
+        row["cpu_speedup_vs_gelsd_command"] = gelsd["cpu_seconds"] / row["cpu_seconds"]
+        print(f"  whole command {row['precision']}: {row['speedup_vs_gelsd_command']:.1f}× the gelsd command "
+              f"(CPU time {row['cpu_speedup_vs_gelsd_command']:.1f}×)", flush=True)
     return rows
 
 
 def precision_scan(J, r, ns, repeats: int) -> None:
     """Mixed against float64 lstsq on the first n rows (J in memory): where auto should switch."""
     J_mem = J.to_dense()
-    print("\n| n (Gram order) | float64 s | mixed s | float64 / mixed | refinement steps | mixed ran as |")
+    print("\nwall seconds, median (CPU seconds in parentheses)")
+    print("| n (Gram order) | float64 s | mixed s | float64 / mixed | refinement steps | mixed ran as |")
     print("|---:|---:|---:|---:|---:|---|")
     for n in ns:
         Jn, rn = J_mem[:n], r[:n]
-        f64, t64, _ = median_run(lambda: solve(Jn, rn, "lstsq", precision="float64"), repeats)
-        mix, tmx, _ = median_run(lambda: solve(Jn, rn, "lstsq", precision="mixed"), repeats)
-        print(f"| {n:,} | {t64:.3f} | {tmx:.3f} | {t64 / tmx:.2f} | {mix.extras.get('refinement_steps', 0)} | "
-              f"{mix.extras['precision']} |", flush=True)
+        runs = median_runs({precision: (lambda precision=precision: solve(Jn, rn, "lstsq", precision=precision))
+                            for precision in ("float64", "mixed")}, repeats)
+        (f64, t64, _, c64), (mix, tmx, _, cmx) = runs["float64"], runs["mixed"]
+        print(f"| {n:,} | {t64:.3f} ({c64:.3f}) | {tmx:.3f} ({cmx:.3f}) | {t64 / tmx:.2f} ({c64 / cmx:.2f}) | "
+              f"{mix.extras.get('refinement_steps', 0)} | {mix.extras['precision']} |", flush=True)
 
 
 def other_rows(J, r, sv_max: float, rank: int, cg_maxiter: int, u_lstsq) -> list[dict]:
