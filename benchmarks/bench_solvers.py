@@ -1,21 +1,35 @@
 """Solver speed and accuracy on a stored LeNet ×1 Jacobian of 2,000 binary-MNIST samples.
 
-In one run, on J = 2,000 × 61,706 float32 read from the HDF5 store (built once, then reused):
-- ``lstsq`` (out of core: float64 Gram K = J Jᵀ, eigendecomposition, u = Jᵀ α) against
-  ``scipy.linalg.lstsq(J, r, lapack_driver="gelsd")`` on the same matrix held in memory (float64
-  LAPACK, since r is float64), with the relative differences of the fitted outputs J u and of u,
-  and the singular values lying between the two cut-offs, which explain the difference in u;
-- ``ridge`` at one λ, ``cg`` to 1e-6 relative residual, ``rsvd`` at k = 500, one ``sgd`` epoch.
-Target (issue 3): lstsq ≥ 10× faster than gelsd, ‖J u − J u_gelsd‖ / ‖J u_gelsd‖ ≤ 1e-4.
+In one run, on J = 2,000 × 60,941 float32 read from the HDF5 store (built once, then reused):
+- ``lstsq`` out of core in mixed precision (float32 Gram K̂ = J Jᵀ, float64 Cholesky of it, float64
+  refinement) and in float64 (float64 Gram, eigendecomposition), median of ``--repeats`` runs each,
+  against ``scipy.linalg.lstsq(J, r, lapack_driver="gelsd")`` on the same matrix held in memory
+  (float64 LAPACK, since r is float64), with the relative differences of J u and of u, and the
+  singular values lying between the two cut-offs, which explain a difference in u;
+- the whole ``bin/solve --method lstsq`` command (start-up, store, solve, test evaluation, JSON),
+  timed with subprocess: ``--precision mixed`` and ``--precision float64`` (median of
+  ``--repeats``) and ``--driver gelsd`` (once: it takes half a minute);
+- ``ridge`` at one λ (mixed and float64), ``cg`` to 1e-6 relative residual, ``rsvd`` at k = 500,
+  one ``sgd`` epoch (``--skip-others`` leaves these out).
+Target (issue 10): the whole lstsq command ≥ 10× the gelsd command; ‖J u − J u_gelsd‖ ≤ 1e-8 ‖J u_gelsd‖.
+
+``--precision-scan`` instead times mixed against float64 lstsq on the first n rows of J for
+n = 250 … 2,000 (J held in memory): where ``precision="auto"`` switches (``MIXED_MIN_ORDER`` in
+solvers/direct.py).
 
     .venv/bin/python benchmarks/bench_solvers.py [--store runs/bench-lenet1-mnist2000.h5] [--n 2000]
+    .venv/bin/python benchmarks/bench_solvers.py --precision-scan
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import resource
+import statistics
+import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -30,17 +44,17 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
-def build_if_missing(path: Path, n: int, binary: int) -> None:
+def build_if_missing(path: Path, n: int, binary: int, data_root: Path = SHARED_DATA) -> None:
     if path.exists():
         return
     from jacobian_store.build import BuildSpec, build_store
     from jacobian_store.datasets import load_dataset
 
-    use_mnist = (SHARED_DATA / "MNIST" / "raw").is_dir()
-    if not use_mnist:
-        sys.exit(f"MNIST not found under {SHARED_DATA}; pass --store with an existing store")
-    dataset = load_dataset("mnist", data_root=SHARED_DATA, n_train=n, n_test=500, binary=binary, seed=0)
+    if not (data_root / "MNIST" / "raw").is_dir():
+        sys.exit(f"MNIST not found under {data_root}; pass --data-root, or --store with an existing store")
+    dataset = load_dataset("mnist", data_root=data_root, n_train=n, n_test=500, binary=binary, seed=0)
     print(f"building {path} (LeNet ×1, {n} binary-MNIST samples, class {binary} vs rest) ...", flush=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     print(build_store(path, BuildSpec("lenet", 1.0, seed=0), dataset, progress=False), flush=True)
 
 
@@ -50,8 +64,154 @@ def timed(fn):
     return out, time.perf_counter() - t0
 
 
+def cpu_seconds() -> float:
+    """CPU time (user + system) of this process and of its finished children: less sensitive than
+    wall time to other jobs on a shared machine (though not immune: BLAS threads spin-wait)."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def median_runs(fns: dict, repeats: int) -> dict:
+    """{name: (last result, median wall time, all wall times, median CPU time)} of ``repeats``
+    rounds of calling every function once, interleaved, so that a change of load on a shared
+    machine hits all of them."""
+    outs = {name: (None, [], []) for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            cpu0 = cpu_seconds()
+            out, seconds = timed(fn)
+            _, walls, cpus = outs[name]
+            outs[name] = (out, walls + [seconds], cpus + [cpu_seconds() - cpu0])
+    return {name: (out, statistics.median(walls), walls, statistics.median(cpus))
+            for name, (out, walls, cpus) in outs.items()}
+
+
 def rel(a, b) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def solve_command(store: Path, extra: list[str], data_root: Path) -> list[str]:
+    return [str(REPO / "bin" / "solve"), "--store", str(store), "--method", "lstsq", "--no-save", "--quiet",
+            "--data-root", str(data_root), *extra]
+
+
+def run_command(cmd: list[str]) -> dict:
+    """Run the whole command; return its JSON record."""
+    with tempfile.TemporaryDirectory() as tmp:
+        record = Path(tmp) / "record.json"
+        proc = subprocess.run(cmd + ["--json", str(record)], capture_output=True, text=True, cwd=REPO)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        return json.loads(record.read_text())
+
+
+def lstsq_rows(J, r, J_mem, repeats: int) -> tuple[list[dict], np.ndarray]:
+    """lstsq mixed and float64 (median of ``repeats``) against gelsd; returns the rows and u_gelsd."""
+    results = median_runs({precision: (lambda precision=precision: solve(J, r, "lstsq", precision=precision))
+                           for precision in ("mixed", "float64")}, repeats)
+    for precision, (res, seconds, times, cpu) in results.items():
+        print(f"lstsq {precision:8s} (out of core) median {seconds:6.2f} s of {', '.join(f'{t:.2f}' for t in times)}"
+              f" (CPU {cpu:.2f} s)   {res.summary()}", flush=True)
+    # float64 LAPACK (dgelsd: J is promoted to r's float64, an exact copy of the stored matrix)
+    cpu0 = cpu_seconds()
+    (u_ref, _, rank_ref, sv_ref), t_ref = timed(lambda: scipy.linalg.lstsq(J_mem, r, lapack_driver="gelsd"))
+    cpu_ref = cpu_seconds() - cpu0
+    print(f"scipy gelsd (J in memory)      {t_ref:6.2f} s (CPU {cpu_ref:.2f} s)   rank {rank_ref}", flush=True)
+    ju_ref = J_mem @ u_ref
+    rows = []
+    for precision, (res, seconds, times, cpu) in results.items():
+        ju = J_mem @ res.u  # float64 products (J promoted)
+        sv, tau = res.extras["singular_values"], res.extras["cutoff"]
+        between = int(((sv_ref <= tau) & (sv_ref > np.finfo(np.float64).eps * sv_ref[0])).sum())
+        row = {"method": f"lstsq ({res.extras['precision']})", "precision": precision, "seconds": seconds,
+               "runs": times, "cpu_seconds": cpu, "gelsd_seconds": t_ref, "gelsd_cpu_seconds": cpu_ref,
+               "speedup": t_ref / seconds, "cpu_speedup": cpu_ref / cpu, "rel_diff_Ju": rel(ju, ju_ref),
+               "rel_diff_u": rel(res.u, u_ref), "residual": rel(ju, r), "gelsd_residual": rel(ju_ref, r),
+               "rank": res.extras["rank"], "gelsd_rank": int(rank_ref), "cutoff": tau, "sigma_max": float(sv[0]),
+               "sigma_min": float(sv_ref[-1]), "between_cutoffs": between,
+               "refinement_steps": res.extras.get("refinement_steps", 0),
+               "refinement_contraction": res.extras.get("refinement_contraction"),
+               "precision_fallback": res.extras.get("precision_fallback"),
+               "sv_max_rel_diff": float(np.max(np.abs(sv - sv_ref) / sv_ref))}
+        print(f"  {precision}: {row['speedup']:.1f}× gelsd (CPU time {row['cpu_speedup']:.1f}×); ‖Ju − Ju_gelsd‖/‖Ju_gelsd‖ = {row['rel_diff_Ju']:.2e}; "
+              f"‖u − u_gelsd‖/‖u_gelsd‖ = {row['rel_diff_u']:.2e}; ‖Ju − r‖/‖r‖ {row['residual']:.2e} (gelsd "
+              f"{row['gelsd_residual']:.2e}); σ_i vs gelsd's: max relative difference {row['sv_max_rel_diff']:.1e}; "
+              f"rank {row['rank']} (gelsd {rank_ref}), {between} singular values between the cut-offs", flush=True)
+        rows.append(row)
+    mixed, f64 = rows
+    print(f"  mixed / float64: {f64['seconds'] / mixed['seconds']:.2f}× faster (CPU time "
+          f"{f64['cpu_seconds'] / mixed['cpu_seconds']:.2f}×); "
+          f"{mixed['refinement_steps']} refinement steps, contraction {mixed['refinement_contraction']}", flush=True)
+    return rows, u_ref
+
+
+def command_rows(store: Path, data_root: Path, repeats: int) -> list[dict]:
+    """The whole ``bin/solve --method lstsq`` command, mixed and float64 (median, interleaved) and
+    gelsd (once)."""
+    extras = {"mixed": ["--precision", "mixed"], "float64": ["--precision", "float64"]}
+    runs = median_runs({label: (lambda extra=extra: run_command(solve_command(store, extra, data_root)))
+                        for label, extra in extras.items()}, repeats)
+    runs["gelsd"] = median_runs({"gelsd": lambda: run_command(solve_command(store, ["--driver", "gelsd"], data_root))},
+                                1)["gelsd"]
+    rows = []
+    for label, (record, seconds, times, cpu) in runs.items():
+        flags = " ".join(extras.get(label, ["--driver", "gelsd"]))
+        row = {"method": f"bin/solve --method lstsq {flags}", "seconds": seconds, "runs": times, "cpu_seconds": cpu,
+               "solve_seconds": record["wall_time"], "precision": record["extras"].get("precision"),
+               "test_acc": record.get("test_acc"), "train_acc": record.get("train_acc")}
+        print(f"{row['method']:48s} median {seconds:6.2f} s of {', '.join(f'{t:.2f}' for t in times)}, "
+              f"CPU {cpu:.2f} s (solve {record['wall_time']:.2f} s; outside the solve {seconds - record['wall_time']:.2f} s; "
+              f"train acc {record.get('train_acc')}, test acc {record.get('test_acc')})", flush=True)
+        rows.append(row)
+    gelsd = rows[-1]
+    for row in rows[:-1]:
+        row["speedup_vs_gelsd_command"] = gelsd["seconds"] / row["seconds"]
+        row["cpu_speedup_vs_gelsd_command"] = gelsd["cpu_seconds"] / row["cpu_seconds"]
+        print(f"  whole command {row['precision']}: {row['speedup_vs_gelsd_command']:.1f}× the gelsd command "
+              f"(CPU time {row['cpu_speedup_vs_gelsd_command']:.1f}×)", flush=True)
+    return rows
+
+
+def precision_scan(J, r, ns, repeats: int) -> None:
+    """Mixed against float64 lstsq on the first n rows (J in memory): where auto should switch."""
+    J_mem = J.to_dense()
+    print("\nwall seconds, median (CPU seconds in parentheses)")
+    print("| n (Gram order) | float64 s | mixed s | float64 / mixed | refinement steps | mixed ran as |")
+    print("|---:|---:|---:|---:|---:|---|")
+    for n in ns:
+        Jn, rn = J_mem[:n], r[:n]
+        runs = median_runs({precision: (lambda precision=precision: solve(Jn, rn, "lstsq", precision=precision))
+                            for precision in ("float64", "mixed")}, repeats)
+        (f64, t64, _, c64), (mix, tmx, _, cmx) = runs["float64"], runs["mixed"]
+        print(f"| {n:,} | {t64:.3f} ({c64:.3f}) | {tmx:.3f} ({cmx:.3f}) | {t64 / tmx:.2f} ({c64 / cmx:.2f}) | "
+              f"{mix.extras.get('refinement_steps', 0)} | {mix.extras['precision']} |", flush=True)
+
+
+def other_rows(J, r, sv_max: float, rank: int, cg_maxiter: int, u_lstsq) -> list[dict]:
+    rows = []
+    lam = 1e-6 * sv_max ** 2
+    for precision in ("mixed", "float64"):
+        res = solve(J, r, "ridge", lam=lam, precision=precision)
+        print(f"ridge λ={lam:.3g} {precision:8s} {res.wall_time:8.2f} s   {res.summary()}", flush=True)
+        rows.append({"method": f"ridge ({res.extras['precision']})", "seconds": res.wall_time, "lambda": lam,
+                     "relative_residual": res.relative_residual, "refinement_steps": res.n_iter})
+    with warnings.catch_warnings(record=True):
+        res = solve(J, r, "cg", tol=1e-6, maxiter=cg_maxiter, normal_tol=0.0)
+    per_iter = res.wall_time / max(res.n_iter, 1)
+    print(f"cg to 1e-6            {res.wall_time:8.2f} s   {res.summary()}  ({per_iter:.2f} s/iteration)", flush=True)
+    rows.append({"method": "cg", "seconds": res.wall_time, "iterations": res.n_iter, "converged": res.converged,
+                 "seconds_per_iteration": per_iter, "relative_residual": res.relative_residual,
+                 "rel_diff_u_vs_lstsq": rel(res.u, u_lstsq)})
+    res = solve(J, r, "rsvd", rank=rank)
+    print(f"rsvd k={rank}           {res.wall_time:8.2f} s   {res.summary()}", flush=True)
+    rows.append({"method": "rsvd", "seconds": res.wall_time, "rank": rank, "relative_residual": res.relative_residual})
+    lr = 0.5 * J.n_samples / sv_max ** 2  # half the stable step of plain GD on the L2 loss
+    res = solve(J, r, "sgd", lr=lr, epochs=1, batch_size=32)
+    print(f"sgd 1 epoch           {res.wall_time:8.2f} s   {res.summary()}", flush=True)
+    rows.append({"method": "sgd", "seconds": res.wall_time, "epochs": 1, "lr": lr,
+                 "relative_residual": res.relative_residual})
+    return rows
 
 
 def main(argv=None) -> int:
@@ -59,83 +219,49 @@ def main(argv=None) -> int:
     parser.add_argument("--store", type=Path, default=REPO / "runs" / "bench-lenet1-mnist2000.h5")
     parser.add_argument("--n", type=int, default=2000, help="training samples when building the store")
     parser.add_argument("--binary", type=int, default=0, help="the positive class of binary MNIST")
+    parser.add_argument("--data-root", type=Path, default=SHARED_DATA, help="MNIST for the build and the test accuracy")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each cheap timing (the median is reported)")
     parser.add_argument("--rank", type=int, default=500)
     parser.add_argument("--cg-maxiter", type=int, default=300,
                         help="cap on the CG run to 1e-6 (κ(J) ≈ 900 here: CGLS needs thousands of iterations, "
                              "two passes over J each)")
+    parser.add_argument("--skip-command", action="store_true", help="do not time the bin/solve commands")
+    parser.add_argument("--skip-others", action="store_true", help="only lstsq (no ridge, cg, rsvd, sgd)")
+    parser.add_argument("--precision-scan", action="store_true", help="only mixed vs float64 against n")
+    parser.add_argument("--scan-ns", type=int, nargs="+", default=[250, 500, 1000, 1500, 2000])
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args(argv)
 
     from jacobian_store.store import JacobianStore
 
-    build_if_missing(args.store, args.n, args.binary)
+    build_if_missing(args.store, args.n, args.binary, args.data_root)
     rows = []
     with JacobianStore.open(args.store) as store:
         J = store.train_J
         r = store.residual().astype(np.float64)  # f0 and y are stored in float32; r in float64 for LAPACK
         m, p = J.shape
         print(f"J: {m:,} × {p:,} {np.dtype(J.dtype).name} ({J.nbytes / 1e9:.2f} GB) from {args.store}; "
-              f"threads: OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, cpus={os.cpu_count()}; "
-              f"numpy {np.__version__}, scipy {scipy.__version__}", flush=True)
-
-        ours = solve(J, r, "lstsq")
-        print(f"lstsq (out of core)   {ours.wall_time:8.2f} s   {ours.summary()}", flush=True)
-
-        J_mem, t_read = timed(J.to_dense)
-        # float64 LAPACK (dgelsd: J is promoted to r's float64, an exact copy of the stored matrix)
-        (u_ref, _, rank_ref, sv_ref), t_ref = timed(lambda: scipy.linalg.lstsq(J_mem, r, lapack_driver="gelsd"))
-        print(f"scipy gelsd (in mem.)  {t_ref:8.2f} s   (+{t_read:.2f} s to read J into memory); rank {rank_ref}",
-              flush=True)
-        ju_ours = J_mem @ ours.u  # float64 products (J promoted)
-        ju_ref = J_mem @ u_ref
-        res_ours, res_ref = rel(ju_ours, r), rel(ju_ref, r)
-        sv = ours.extras["singular_values"]
-        tau = ours.extras["cutoff"]
-        between = int(((sv_ref <= tau) & (sv_ref > np.finfo(np.float64).eps * sv_ref[0])).sum())
-        speedup = t_ref / ours.wall_time
-        d_ju, d_u = rel(ju_ours, ju_ref), rel(ours.u, u_ref)
-        print(f"  speed-up {speedup:.1f}×;  ‖Ju − Ju_gelsd‖/‖Ju_gelsd‖ = {d_ju:.2e};  ‖u − u_gelsd‖/‖u_gelsd‖ = "
-              f"{d_u:.2e};  ‖Ju − r‖/‖r‖: ours {res_ours:.2e}, gelsd {res_ref:.2e}", flush=True)
-        print(f"  cut-offs: ours τ = {tau:.3e} (σ_max {sv[0]:.3e}, τ/σ_max {tau / sv[0]:.2e}), rank {ours.extras['rank']}; "
-              f"gelsd ε·σ_max = {np.finfo(np.float64).eps * sv_ref[0]:.2e}, rank {rank_ref}; singular values "
-              f"between the two: {between}; σ_min = {sv_ref[-1]:.3e}", flush=True)
-        rows.append({"method": "lstsq", "seconds": ours.wall_time, "gelsd_seconds": t_ref, "speedup": speedup,
-                     "rel_diff_Ju": d_ju, "rel_diff_u": d_u, "residual": res_ours, "gelsd_residual": res_ref, "rank": ours.extras["rank"], "gelsd_rank": int(rank_ref),
-                     "cutoff": tau, "sigma_max": float(sv[0]), "sigma_min": float(sv_ref[-1]),
-                     "between_cutoffs": between, "relative_residual": ours.relative_residual})
+              f"threads: OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, cpus={os.cpu_count()}, "
+              f"load average {os.getloadavg()[0]:.1f}; numpy {np.__version__}, scipy {scipy.__version__}", flush=True)
+        if args.precision_scan:
+            precision_scan(J, r, [n for n in args.scan_ns if n <= m], args.repeats)
+            return 0
+        J_mem = J.to_dense()
+        lstsq, u_ref = lstsq_rows(J, r, J_mem, args.repeats)
+        rows += lstsq
         del J_mem
+        if not args.skip_command:
+            rows += command_rows(args.store, args.data_root, args.repeats)
+        if not args.skip_others:
+            rows += other_rows(J, r, lstsq[0]["sigma_max"], args.rank, args.cg_maxiter, u_ref)
 
-        lam = 1e-6 * float(sv[0]) ** 2
-        res = solve(J, r, "ridge", lam=lam)
-        print(f"ridge λ={lam:.3g}       {res.wall_time:8.2f} s   {res.summary()}", flush=True)
-        rows.append({"method": "ridge", "seconds": res.wall_time, "lambda": lam, "relative_residual": res.relative_residual})
-
-        with warnings.catch_warnings(record=True):
-            res = solve(J, r, "cg", tol=1e-6, maxiter=args.cg_maxiter, normal_tol=0.0)
-        per_iter = res.wall_time / max(res.n_iter, 1)
-        print(f"cg to 1e-6            {res.wall_time:8.2f} s   {res.summary()}  ({per_iter:.2f} s/iteration)",
-              flush=True)
-        rows.append({"method": "cg", "seconds": res.wall_time, "iterations": res.n_iter, "converged": res.converged,
-                     "seconds_per_iteration": per_iter, "relative_residual": res.relative_residual,
-                     "rel_diff_u_vs_lstsq": rel(res.u, ours.u)})
-
-        res = solve(J, r, "rsvd", rank=args.rank)
-        print(f"rsvd k={args.rank}           {res.wall_time:8.2f} s   {res.summary()}", flush=True)
-        rows.append({"method": "rsvd", "seconds": res.wall_time, "rank": args.rank,
-                     "relative_residual": res.relative_residual})
-
-        lr = 0.5 * J.n_samples / float(sv[0]) ** 2  # half the stable step of plain GD on the L2 loss
-        res = solve(J, r, "sgd", lr=lr, epochs=1, batch_size=32)
-        print(f"sgd 1 epoch           {res.wall_time:8.2f} s   {res.summary()}", flush=True)
-        rows.append({"method": "sgd", "seconds": res.wall_time, "epochs": 1, "lr": lr,
-                     "relative_residual": res.relative_residual})
-
-    print("\n| method | wall time (s) | notes |\n|---|---:|---|")
+    print("\n| what | wall time (s) | notes |\n|---|---:|---|")
     for row in rows:
-        notes = {k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in row.items() if k not in ("method", "seconds")}
+        notes = {k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in row.items()
+                 if k not in ("method", "seconds", "runs") and v is not None}
         print(f"| {row['method']} | {row['seconds']:.2f} | {', '.join(f'{k}={v}' for k, v in notes.items())} |")
     if args.json:
-        args.json.write_text(json.dumps({"shape": [m, p], "rows": rows}, indent=2))
+        args.json.write_text(json.dumps({"shape": [m, p], "rows": rows}, indent=2, default=str))
     return 0
 
 

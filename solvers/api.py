@@ -34,7 +34,7 @@ import numpy as np
 
 from jacobian_store.device import is_cupy_array, module_for_device, resolve_device, to_numpy
 from .cg import _solve_cg, cg_path
-from .direct import DRIVERS, FORMS, _solve_lstsq, _solve_ridge, resolve_form, ridge_path
+from .direct import DRIVERS, FORMS, PRECISIONS, _solve_lstsq, _solve_ridge, resolve_form, ridge_path
 from jacobian_store.sizes import parse_bytes
 
 from .memory import check_memory, choose_panel_bytes, default_memory_limit, memory_plan
@@ -53,8 +53,8 @@ REQUIRED = object()
 # Every option of every method, with its default; REQUIRED ones have none. This is the one option
 # schema: bin/solve's checks and the experiment files' [solver.<method>] tables derive from it.
 METHOD_OPTIONS: dict[str, dict] = {
-    "lstsq": {"form": "auto", "driver": None, "rcond": None, "panel_bytes": None},
-    "ridge": {"lam": REQUIRED, "form": "auto", "factorization": "auto", "panel_bytes": None},
+    "lstsq": {"form": "auto", "driver": None, "rcond": None, "panel_bytes": None, "precision": "auto"},
+    "ridge": {"lam": REQUIRED, "form": "auto", "factorization": "auto", "panel_bytes": None, "precision": "auto"},
     "cg": {"maxiter": None, "tol": 1e-6, "normal_tol": 1e-10, "x0": None},
     "rsvd": {"rank": REQUIRED, "oversample": 10, "power_iter": 2, "seed": 0, "rcond": None},
     "sgd": {"lr": REQUIRED, "weight_decay": 0.0, "epochs": 1, "batch_size": 32, "lr_step": None,
@@ -271,6 +271,10 @@ def _check_option(method, k, v, m, p):
     elif k == "driver":
         if v is not None and v not in DRIVERS:
             raise ValueError(f"lstsq: driver must be one of {', '.join(DRIVERS)} or None; got {v!r}")
+    elif k == "precision":
+        if v not in PRECISIONS:
+            raise ValueError(f"{method}: precision must be one of {', '.join(map(repr, PRECISIONS))} (float32 Gram "
+                             f"with float64 refinement: 'mixed'); got {v!r}")
     elif k == "factorization":
         if v not in ("auto", "cholesky", "eigh"):
             raise ValueError(f"ridge: factorization must be 'auto', 'cholesky' or 'eigh'; got {v!r}")

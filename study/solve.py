@@ -37,7 +37,7 @@ FLAG_OPTIONS = {
     "lambda_": "lam", "rank": "rank", "maxiter": "maxiter", "tol": "tol", "normal_tol": "normal_tol",
     "lr": "lr", "weight_decay": "weight_decay", "epochs": "epochs", "batch_size": "batch_size",
     "lr_step": "lr_step", "lr_gamma": "lr_gamma", "momentum": "momentum", "seed": "seed", "driver": "driver",
-    "form": "form", "rcond": "rcond", "oversample": "oversample", "power_iter": "power_iter",
+    "form": "form", "rcond": "rcond", "oversample": "oversample", "power_iter": "power_iter", "precision": "precision",
 }
 OPTION_FLAGS = {v: "--" + k.rstrip("_").replace("_", "-") for k, v in FLAG_OPTIONS.items()}
 OPTION_FLAGS["lam"] = "--lambda"
@@ -81,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="lstsq: solve J held in memory with scipy.linalg.lstsq (checking only)")
     knobs.add_argument("--form", choices=("auto", "dual", "primal"),
                        help="lstsq, ridge: K = J Jᵀ (dual) or JᵀJ (primal); auto takes the smaller")
+    knobs.add_argument("--precision", choices=("auto", "float64", "mixed"),
+                       help="lstsq, ridge: mixed = float32 Gram refined to float64 accuracy (falls back to float64 "
+                            "when float32 cannot resolve J); auto = mixed for Gram matrices of order ≥ 64 on the "
+                            "CPU (default: auto; see solvers/direct.py)")
     knobs.add_argument("--rcond", type=float, help="lstsq, rsvd: singular values ≤ rcond·σ_max count as zero "
                                                     "(default: the rounding floor, see solvers/direct.py)")
     knobs.add_argument("--oversample", type=int, help="rsvd: extra columns of the range finder (default 10)")
