@@ -123,7 +123,9 @@ def test_plan_units_covers_the_grid():
     units = plan_units(exp)
     assert len(units) == 2 * 2 * 4 and len({u.key for u in units}) == len(units)
     assert [u.width for u in units[:4]] == [1, 1, 1, 1]  # cheapest widths first
-    assert len(plan_units(load_experiment("spectrum", "cpu"))) == 2 * 4 * 2
+    spectrum = load_experiment("spectrum", "cpu")  # one unit per variant × seed × width
+    expected = len(spectrum.variants) * len(spectrum.grid["seeds"]) * len(spectrum.grid["widths"])
+    assert len(plan_units(spectrum)) == expected == 2 * 2 * 3
 
 
 # ------------------------------------------------------------------------------------------------
