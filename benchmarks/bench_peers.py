@@ -10,8 +10,9 @@ L = 10 outputs (K is N·L × N·L = 6,000 × 6,000):
   ``einsum('Naf,Mbf->NMab')`` per parameter tensor; ``empirical_ntk_ntk_vps``: for each output of x1
   a ``vjp``, pushed through a ``jvp`` at x2, ``vmap``-ed over the pairs), reproduced below as written
   there, float32. The Jacobian recipe computes J(x) once when x1 is x2 (the tutorial calls jacrev on
-  both arguments); the NTK-vector-product recipe runs on blocks of ``--vps-block`` samples per argument,
-  since vmapping it over all 600 × 600 pairs at once would hold 600·600·L forward passes.
+  both arguments); the NTK-vector-product recipe runs on blocks of b samples per argument, since its
+  nested vmap materializes the vjps as tangents for every pair, b²·L·p floats: b is the largest
+  with b²·L·p·4 bytes ≤ ``--vps-gb`` (2 GB: b = 28 at ×1, 5 at ×5; b = 20 took 19 GB at ×5).
 
 Each case runs in its own process. Time: the call alone (model, data and imports excluded). Peak
 memory: the rise of the resident set across the call (``VmHWM`` reset through
@@ -40,6 +41,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import os
 import subprocess
 import sys
@@ -120,13 +122,15 @@ def _as_matrix(blocks):
     return blocks.permute(0, 2, 1, 3).reshape(n * L, m * L)
 
 
-def gram_by_recipe(method: str, model, x, vps_block: int):
+def gram_by_recipe(method: str, model, x, vps_gb: float):
     params = {k: v.detach() for k, v in model.named_parameters()}
     fnet_single = tutorial_fnet_single(model)
     if method == "jacobian":
         return _as_matrix(empirical_ntk_jacobian_contraction(fnet_single, params, x, x)).double().numpy()
     n = x.shape[0]
     L = model(x[:1]).shape[1]
+    p = sum(v.numel() for v in params.values())
+    vps_block = max(1, int(math.sqrt(vps_gb * 1e9 / (L * p * 4))))  # b²·L·p float32 tangents per call
     K = np.empty((n * L, n * L))
     for i in range(0, n, vps_block):  # block pairs j ≥ i; K is symmetric
         for j in range(i, n, vps_block):
@@ -162,8 +166,7 @@ def run_gram_case(args) -> None:
     if args.method == "structured":
         K = gram_matrix(model, x, method="structured", progress=False)
     else:
-        K = gram_by_recipe("jacobian" if args.method in ("jacobian", "reference") else "vps", model, x,
-                           args.vps_block)
+        K = gram_by_recipe("jacobian" if args.method in ("jacobian", "reference") else "vps", model, x, args.vps_gb)
     seconds = time.perf_counter() - t0
     rss1 = _proc_status("VmHWM") if peak_reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     np.save(args.save, K)
@@ -174,7 +177,7 @@ def run_gram_case(args) -> None:
 def spawn_gram(method: str, width: float, n: int, save: Path, opts) -> dict:
     cmd = [sys.executable, __file__, "--child", method, "--width", str(width), "--n", str(n),
            "--n-total", str(opts.samples), "--save", str(save), "--threads", str(opts.threads),
-           "--data-root", str(opts.data_root), "--vps-block", str(opts.vps_block)]
+           "--data-root", str(opts.data_root), "--vps-gb", str(opts.vps_gb)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
     for line in proc.stdout.splitlines():
@@ -323,7 +326,8 @@ def main(argv=None) -> int:
                         help="at most this many samples for the Jacobian recipe and K_ref")
     parser.add_argument("--max-vps-samples", type=int, default=60,
                         help="at most this many samples for the NTK-vector-product recipe (N²·L jvp's of one sample)")
-    parser.add_argument("--vps-block", type=int, default=20, help="samples per argument of one NTK-vps call")
+    parser.add_argument("--vps-gb", type=float, default=2.0,
+                        help="memory for the tangents of one NTK-vector-product call (sets its block of samples)")
     parser.add_argument("--store", type=Path, default=REPO / "runs" / "bench-lenet1-mnist2000.h5")
     parser.add_argument("--rows", type=int, default=None, help="use only the first rows of the store's J")
     parser.add_argument("--tol", type=float, default=1e-10, help="relative residual of the iterative methods")
@@ -344,7 +348,7 @@ def main(argv=None) -> int:
         run_gram_case(args)
         return 0
     if args.quick:
-        args.samples, args.rows, args.tol, args.vps_block = 6, args.rows or 100, 1e-8, 6
+        args.samples, args.rows, args.tol = 6, args.rows or 100, 1e-8
     if not (args.data_root / "MNIST" / "raw").is_dir():
         sys.exit(f"MNIST not found under {args.data_root}; pass --data-root")
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cpus; {args.threads} threads", flush=True)
