@@ -183,7 +183,7 @@ def precision_scan(J, r, ns, repeats: int) -> None:
         Jn, rn = J_mem[:n], r[:n]
         runs = median_runs({precision: (lambda precision=precision: solve(Jn, rn, "lstsq", precision=precision))
                             for precision in ("float64", "mixed")}, repeats)
-        (f64, t64, _, c64), (mix, tmx, _, cmx) = runs["float64"], runs["mixed"]
+        (_, t64, _, c64), (mix, tmx, _, cmx) = runs["float64"], runs["mixed"]
         print(f"| {n:,} | {t64:.3f} ({c64:.3f}) | {tmx:.3f} ({cmx:.3f}) | {t64 / tmx:.2f} ({c64 / cmx:.2f}) | "
               f"{mix.extras.get('refinement_steps', 0)} | {mix.extras['precision']} |", flush=True)
 
