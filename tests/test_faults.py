@@ -52,6 +52,16 @@ def snapshot(folder: Path) -> dict:
     return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+def assert_refused(code, capsys, expected, folder, before) -> None:
+    """Exit status 2, no traceback, a last line naming each expected piece, ``folder`` unchanged."""
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    message = err.strip().splitlines()[-1]
+    for piece in expected:
+        assert piece in message, (piece, message)
+    assert snapshot(folder) == before
+
+
 # ---- the parameter count is known before anything is built -------------------------------------
 
 @pytest.mark.parametrize("arch,width,image_size", [("lenet", 0.25, 28), ("lenet", 3, 32), ("alexnet", 0.05, 64),
@@ -123,12 +133,7 @@ def test_bad_solve_input_is_refused_and_changes_nothing(built, tmp_path, capsys,
         code = _solve(store, *[a.replace("{tmp}", str(tmp_path)) for a in command])
     except SystemExit as exit_:  # argparse's refusal
         code = exit_.code
-    err = capsys.readouterr().err
-    assert code == 2 and "Traceback" not in err
-    message = err.strip().splitlines()[-1]
-    for piece in expected:
-        assert piece in message, (piece, message)
-    assert snapshot(tmp_path) == before
+    assert_refused(code, capsys, expected, tmp_path, before)
 
 
 def test_readers_never_write(built, tmp_path, capsys):
@@ -166,12 +171,7 @@ def test_bad_build_input_is_refused_and_changes_nothing(built, tmp_path, capsys,
         code = build_main([*BUILD, "--out", str(store), *[a.replace("{tmp}", str(tmp_path)) for a in command]])
     except SystemExit as exit_:
         code = exit_.code
-    err = capsys.readouterr().err
-    assert code == 2 and "Traceback" not in err
-    message = err.strip().splitlines()[-1]
-    for piece in expected:
-        assert piece in message, (piece, message)
-    assert snapshot(tmp_path) == before
+    assert_refused(code, capsys, expected, tmp_path, before)
 
 
 BAD_TRAINS = [
@@ -202,12 +202,7 @@ def test_bad_train_input_is_refused_and_changes_nothing(trained, tmp_path, capsy
     argv = [*TRAIN, "--epochs", "1", "--lr", "0.01", "--out", str(run)]
     with pytest.raises(SystemExit) as exit_:
         train_main([*argv, *[a.replace("{tmp}", str(tmp_path)) for a in command]])
-    err = capsys.readouterr().err
-    assert exit_.value.code == 2 and "Traceback" not in err
-    message = err.strip().splitlines()[-1]
-    for piece in expected:
-        assert piece in message, (piece, message)
-    assert snapshot(tmp_path) == before
+    assert_refused(exit_.value.code, capsys, expected, tmp_path, before)
 
 
 # ---- nothing overwritten silently; locks named as locks ----------------------------------------
