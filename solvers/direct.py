@@ -60,7 +60,7 @@ float64 refinement, ‖b − A x‖ ≤ √n·ε·‖A‖‖x‖), with the resi
 
 The residual contracts by the spectral radius ρ of G = I − A M⁻¹ per step, ρ ≈ ‖E‖₂/ŵ_min with
 E = Â − A the float32 Gram's rounding. On the 2,000 × 60,941 LeNet store ‖E‖₂ = 4.2e-9·w_max and
-w_min = 1.3e-6·w_max: ρ ≈ 2e-4, and three steps take ‖s‖/‖r‖ from 4e-5 to 3e-12 (a float32
+w_min = 1.3e-6·w_max: ρ ≈ 3e-4, and three steps take ‖s‖/‖r‖ from 4e-5 to 3e-12 (a float32
 Cholesky of Â contracts by 5e-3 only and needs a step more; a float64 Cholesky of a 2,000 × 2,000
 matrix costs 2% of the Gram). Mixed stops and falls back to float64, saying why in
 ``extras["precision_fallback"]``, when Â + λI is not positive definite, when refinement stops
@@ -91,9 +91,10 @@ J (κ(J)² ≳ ‖A‖/‖E‖) fails (i) or (ii) and is solved in float64: a de
 
 **Singular values.** float64: σ_i² to within the route's floor, ≈ max(n·L, p)·ε₆₄·w_max. mixed:
 σ̂_i = √ŵ_i with |ŵ_i − w_i| ≤ ‖E‖₂, and by (ii) w_i ∈ [(1 − ρ̂)ŵ_i, (1 + ρ̂)ŵ_i], so each σ_i to a
-relative ½ρ̂ (``extras["refinement_contraction"]``; 2e-4 on the store above): the top of the
-spectrum to float32 rounding, the bottom to about ½‖E‖₂/ŵ_i. Ask for precision="float64" when
-the smallest singular values are needed to float64 accuracy.
+relative ½ρ̂ (``extras["refinement_contraction"]``: 2.9e-4 on the store above, where σ̂ agrees
+with gelsd's σ to 4.2e-5): the top of the spectrum to float32 rounding, the bottom to about
+½‖E‖₂/ŵ_i. Ask for precision="float64" when the smallest singular values are needed to float64
+accuracy.
 
 **"auto"** resolves to mixed on the CPU when the Gram matrix's order n = min(n·L, p) is at least
 ``MIXED_MIN_ORDER``; below it, and on the GPU, float64 (see ``resolve_precision``).
@@ -332,12 +333,12 @@ def resolve_precision(precision: str, shape, device: str, *, driver=None, factor
         return "float64"
     # auto. The float32 Gram halves the cost of the n²·N/2 Gram flops; refinement adds 2·steps
     # passes over J (≈ 3 steps, each pass 2·n·N flops bound by memory traffic) and an eigvalsh in
-    # place of the eigh. Measured (one thread, the store's rows, J in memory): mixed was faster at
-    # every order tried, float32 or float64 J, dual or primal, e.g. 0.024 s vs 0.028 s at n = 64,
-    # 1.3 s vs 2.8 s at n = 1,000, 5.0 s vs 10.3 s at n = 2,000 (benchmarks/bench_solvers.py
-    # --precision-scan). Below n = 64 both take milliseconds and float64 gives the exact spectrum.
-    # A J that float32 cannot resolve costs the mixed attempt (its float32 Gram and eigvalsh, about
-    # half the float64 solve) before the fallback.
+    # place of the eigh. Measured (one thread, the store's first n rows held in memory), mixed was
+    # faster at every order tried: 0.037 s vs 0.041 s at n = 64, 1.26 s vs 2.37 s at n = 1,000,
+    # 4.76 s vs 9.74 s at n = 2,000 (OPENBLAS_NUM_THREADS=1 benchmarks/bench_solvers.py
+    # --precision-scan --scan-ns 64 256 1000 2000). Below n = 64 both take milliseconds and float64
+    # gives the exact spectrum. A J that float32 cannot resolve costs the mixed attempt (its float32
+    # Gram and eigvalsh, about half the float64 solve) before the fallback.
     return "mixed" if min(shape) >= MIXED_MIN_ORDER else "float64"
 
 
