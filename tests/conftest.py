@@ -41,3 +41,11 @@ def assert_equal_to_float32_rounding(a, b, name: str = "") -> None:
     assert a.shape == b.shape and a.dtype == b.dtype, name
     scale = float(np.abs(b).max()) if b.size else 0.0
     np.testing.assert_allclose(a, b, rtol=0, atol=FLOAT32_BUILD_ATOL * scale, err_msg=name)
+
+
+def known_svd_matrix(sigma, m, p, seed=0):
+    """An m × p matrix with singular values ``sigma`` and seeded random singular vectors."""
+    rng = np.random.default_rng(seed)
+    U, _ = np.linalg.qr(rng.standard_normal((m, len(sigma))))
+    V, _ = np.linalg.qr(rng.standard_normal((p, len(sigma))))
+    return (U * sigma) @ V.T

@@ -12,14 +12,9 @@ import torch
 from solvers import solve
 from solvers.rank import describe_rank_cutoff, rank_cutoff
 
+from conftest import known_svd_matrix
+
 EPS32, EPS64 = float(np.finfo(np.float32).eps), float(np.finfo(np.float64).eps)
-
-
-def known_svd_matrix(sigma, m, p, seed=0):
-    rng = np.random.default_rng(seed)
-    U, _ = np.linalg.qr(rng.standard_normal((m, len(sigma))))
-    V, _ = np.linalg.qr(rng.standard_normal((p, len(sigma))))
-    return (U * sigma) @ V.T
 
 
 # ------------------------------------------------------------------------------ the formula

@@ -14,6 +14,8 @@ from study.spectrum import (condition_number, effective_rank, main, numerical_ra
                             singular_values_from_gram, spectrum_from_gram, spectrum_from_singular_values,
                             spectrum_of_model)
 
+from conftest import known_svd_matrix
+
 EPS32, EPS64 = float(np.finfo(np.float32).eps), float(np.finfo(np.float64).eps)
 
 
@@ -90,13 +92,6 @@ def test_matrix_rank_rule_is_available_but_not_the_default():
     assert wide.numerical_rank == 10 and wide.cutoff == pytest.approx(100.0 * 6e6 * EPS32)
     default = spectrum_from_singular_values(sigma, n_rows=1000, n_parameters=6_000_000)
     assert default.numerical_rank == 1000 and default.cutoff_rule.startswith("max(sqrt(max(m,p)*eps_acc)")
-
-
-def known_svd_matrix(sigma, m, p, seed=0):
-    rng = np.random.default_rng(seed)
-    U, _ = np.linalg.qr(rng.standard_normal((m, len(sigma))))
-    V, _ = np.linalg.qr(rng.standard_normal((p, len(sigma))))
-    return (U * sigma) @ V.T
 
 
 def test_spectrum_from_gram_recovers_known_singular_values():
