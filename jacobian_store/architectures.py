@@ -7,7 +7,6 @@ hidden channel count and hidden unit count (rounded, at least 1); the output lay
 """
 from __future__ import annotations
 
-import argparse
 import math
 from typing import Callable
 
@@ -33,40 +32,6 @@ def register_model(name: str, n_parameters: Callable[..., int]):
 
 def available_models() -> list[str]:
     return sorted(_MODELS)
-
-
-NETWORK_DTYPES = ("float32", "float64")
-
-
-def add_network_arguments(parser: argparse.ArgumentParser, *, seed_flag: str = "--seed", dtype_flag: str = "--dtype",
-                          dtype_help: str = "dtype of J (default float32)", title: str = "network"):
-    """Add the options naming a network at w0 (``--arch``, ``--width``, the seed of w0 and the dtype
-    of its Jacobian) as one argument group, shared by ``bin/build-jacobian`` and ``bin/solve``.
-
-    ``seed_flag``/``dtype_flag``: where a command already uses ``--seed`` or ``--dtype`` for something
-    else (``bin/solve``: ``--init-seed``, ``--network-dtype``); argparse names the attributes after
-    the flags (``args.seed`` or ``args.init_seed``). ``--width`` is checked positive and finite here.
-    Returns the group, for a command's own network options.
-    """
-    group = parser.add_argument_group(title)
-    group.add_argument("--arch", default="lenet", choices=available_models(), help="architecture (default lenet)")
-    group.add_argument("--width", type=float, default=1.0, action=_WidthAction,
-                       help="width factor k: every hidden channel and unit count is multiplied by k (default 1)")
-    seed_help = "seed of the initialization w0 (default 0)"
-    if seed_flag != "--seed":
-        seed_help = "seed of the initialization w0: bin/build-jacobian's --seed (default 0)"
-    group.add_argument(seed_flag, type=int, default=0, help=seed_help)
-    group.add_argument(dtype_flag, choices=NETWORK_DTYPES, default="float32", help=dtype_help)
-    return group
-
-
-class _WidthAction(argparse.Action):
-    """Stores --width after checking it is a positive finite number."""
-
-    def __call__(self, parser, namespace, value, option_string=None):
-        if not (math.isfinite(value) and value > 0):
-            parser.error(f"{option_string} must be a positive number, got {value}")
-        setattr(namespace, self.dest, value)
 
 
 def scaled(channels: int, width: float) -> int:

@@ -41,7 +41,8 @@ import h5py
 import numpy as np
 import torch
 
-from jacobian_store.architectures import NETWORK_DTYPES, add_network_arguments, create_model, parameter_count
+from jacobian_store.architectures import create_model, parameter_count
+from jacobian_store.arguments import NETWORK_DTYPES, add_network_arguments
 from jacobian_store.functional import initial_parameters, parameter_layout
 from jacobian_store.progress import progress_bar
 from jacobian_store.provenance import library_versions
@@ -464,7 +465,7 @@ def _build_split(f: h5py.File, split: str, x: torch.Tensor, chunks: np.ndarray, 
 
 
 def _parser() -> argparse.ArgumentParser:
-    from jacobian_store.datasets import add_data_arguments
+    from jacobian_store.arguments import add_data_arguments
 
     parser = argparse.ArgumentParser(
         prog="bin/build-jacobian",

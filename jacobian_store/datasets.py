@@ -208,39 +208,8 @@ def shift_offsets(split: str, n_source: int, shift: int = 7, shift_seed: int = 0
     return rng.integers(-shift, shift + 1, size=(n_source, 2), dtype=np.int64)
 
 
-def add_data_arguments(parser: argparse.ArgumentParser, default_dataset: str = "digits") -> None:
-    """Add the data options (``--dataset``, ``--data-root``, ...) read by :func:`dataset_from_args`."""
-    group = parser.add_argument_group("data")
-    group.add_argument("--dataset", choices=available_datasets(), default=default_dataset,
-                       help=f"dataset to use (default: {default_dataset}; digits needs no files)")
-    group.add_argument("--data-root", type=Path, default=None, metavar="DIR",
-                       help="folder holding MNIST/raw/, cifar-10-batches-py/ or snakes/ (default: $LINCNN_DATA, "
-                            "else $XDG_CACHE_HOME/lincnn or ~/.cache/lincnn)")
-    group.add_argument("--n-train", type=int, default=None, metavar="N",
-                       help="class-balanced random subset of N training samples (default: all)")
-    group.add_argument("--n-test", type=int, default=None, metavar="N",
-                       help="class-balanced random subset of N test samples (default: all)")
-    group.add_argument("--binary", type=int, default=None, metavar="C",
-                       help="one output: target 1 for class C, 0 for every other class (default: one-hot)")
-    group.add_argument("--data-seed", type=int, default=0, metavar="SEED",
-                       help="seed of the subsets and of the digits train/test split (default: 0)")
-    group.add_argument("--shift", type=int, default=7, metavar="S",
-                       help="mnist-shifted: offsets (dx, dy) uniform on [-S, S]^2 (default: 7)")
-    group.add_argument("--shift-seed", type=int, default=0, metavar="SEED",
-                       help="mnist-shifted: seed of the per-sample offsets; independent of --data-seed so a "
-                            "sample is shifted alike in every subset (default: 0)")
-    group.add_argument("--image-size", type=int, default=None, metavar="P",
-                       help="resize images to P x P, e.g. 224 for AlexNet, which needs at least 63 "
-                            "(default: native size; 224 for snakes)")
-    group.add_argument("--snake-classes", type=_comma_separated, default=None, metavar="WNID,...",
-                       help="snakes: comma-separated WordNet ids in label order (default: the 10 classes of "
-                            "jacobian_store.datasets.SNAKE_CLASSES)")
-    group.add_argument("--download", action="store_true",
-                       help="let torchvision download missing MNIST or CIFAR-10 files into the data root")
-
-
 def dataset_from_args(args: argparse.Namespace) -> Dataset:
-    """Load the dataset described by the options of :func:`add_data_arguments`."""
+    """Load the dataset described by the options of ``jacobian_store.arguments.add_data_arguments``."""
     return load_dataset(args.dataset, data_root=args.data_root, n_train=args.n_train, n_test=args.n_test,
                         binary=args.binary, seed=args.data_seed, shift=args.shift, shift_seed=args.shift_seed,
                         image_size=args.image_size, snake_classes=args.snake_classes, download=args.download)
@@ -721,7 +690,3 @@ def _checked_snake_classes(classes: Sequence[str] | None) -> tuple[str, ...]:
     if len(set(classes)) != len(classes):
         raise DatasetError(f"snake_classes lists a class twice: {', '.join(classes)}")
     return classes
-
-
-def _comma_separated(text: str) -> list[str]:
-    return [item.strip() for item in text.split(",") if item.strip()]

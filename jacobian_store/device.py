@@ -1,22 +1,26 @@
 """The one device object: where a computation runs, resolved once from ``auto | cpu | cuda | cuda:N``.
 
-A :class:`Device` carries the torch device, the array module of the solvers (NumPy on the CPU,
-CuPy on a GPU) and ``exact_float32()``, the context every float32 computation enters (build,
-Gram, spectrum, training, solvers): TF32 off for matmul and cuDNN, since TF32 rounds products to
-10 mantissa bits (errors near 1e-3) where lincnn promises float32 (1e-7). CuPy is imported
-lazily and only for a GPU, so the CPU path never needs it. The array-module helpers follow
-``cupy.get_array_module``: the module belongs to the data.
+A :class:`Device` carries the device's type and index, the torch device (``.torch``), the array
+module of the solvers (NumPy on the CPU, CuPy on a GPU) and ``exact_float32()``, the context every
+float32 computation enters (build, Gram, spectrum, training, solvers): on a GPU, TF32 off for
+matmul and cuDNN, since TF32 rounds products to 10 mantissa bits (errors near 1e-3) where lincnn
+promises float32 (1e-7); the CPU has no TF32. torch is imported only where a torch device is
+needed (a GPU, ``.torch``, resolving ``"auto"`` for torch): a solve on a stored J, which computes
+with NumPy, does not pay torch's import (about 1.5 s, a third of a small store's whole
+``bin/solve --method lstsq``). CuPy is imported lazily and only for a GPU, so the CPU path never
+needs it. The array-module helpers follow ``cupy.get_array_module``: the module belongs to the data.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
+import re
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
+_DEVICE_TEXT = re.compile(r"(cpu|cuda)(?::(\d+))?")
 
 
 @functools.lru_cache(maxsize=1)
@@ -40,21 +44,21 @@ def cupy_available() -> bool:
 
 @dataclass(frozen=True)
 class Device:
-    """A resolved device: ``torch`` (e.g. ``torch.device("cuda", 1)``) and what follows from it."""
+    """A resolved device: ``type`` ("cpu" or "cuda") and, for a GPU, its ``index``."""
 
-    torch: torch.device
-
-    @property
-    def type(self) -> str:
-        return self.torch.type
+    type: str
+    index: int | None = None
 
     @property
-    def index(self) -> int | None:
-        return self.torch.index
+    def torch(self):
+        """The ``torch.device`` (imports torch)."""
+        import torch
+
+        return torch.device(self.type, self.index) if self.is_cuda else torch.device("cpu")
 
     @property
     def is_cuda(self) -> bool:
-        return self.torch.type == "cuda"
+        return self.type == "cuda"
 
     @property
     def array_module(self):
@@ -66,57 +70,69 @@ class Device:
         return _cupy()
 
     def __str__(self) -> str:
-        return str(self.torch)
+        return f"cuda:{self.index}" if self.is_cuda else "cpu"
 
     @contextlib.contextmanager
     def exact_float32(self):
-        """Run inside with TF32 off (matmul and cuDNN) and, on a GPU, this GPU current for torch
-        and CuPy; the previous settings come back on exit."""
+        """Run inside with, on a GPU, TF32 off (matmul and cuDNN) and this GPU current for torch and
+        CuPy; the previous settings come back on exit. (On the CPU float32 is float32 already.)"""
+        if not self.is_cuda:
+            yield self
+            return
+        import torch
+
         saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
         try:
             with contextlib.ExitStack() as stack:
-                if self.is_cuda:
-                    stack.enter_context(torch.cuda.device(self.torch))
-                    if _cupy() is not None:
-                        stack.enter_context(_cupy().cuda.Device(self.torch.index or 0))
+                stack.enter_context(torch.cuda.device(self.torch))
+                if _cupy() is not None:
+                    stack.enter_context(_cupy().cuda.Device(self.index))
                 yield self
         finally:
             torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+CPU = Device("cpu")
 
 
 def resolve_device(device="auto", *, arrays: bool = False) -> Device:
     """``"auto" | "cpu" | "cuda" | "cuda:N"`` (or a torch.device or Device) → :class:`Device`.
 
     ``"auto"`` is the GPU when torch sees one, else the CPU; with ``arrays=True`` (the solvers,
-    which compute with CuPy on a GPU) a GPU is chosen only when CuPy is usable too. ``"cuda"``
-    means the current GPU, resolved to its index so that every later step uses the same one.
+    which compute with CuPy on a GPU) a GPU is chosen only when CuPy is usable too, so without
+    CuPy the answer is the CPU and torch is not imported. ``"cuda"`` means the current GPU,
+    resolved to its index so that every later step uses the same one.
     """
     if isinstance(device, Device):
         return device
     text = str(device).strip().lower()
+    if text == "cpu":
+        return CPU
     if text == "auto":
-        usable = torch.cuda.is_available() and (not arrays or cupy_available())
-        return Device(torch.device("cuda", torch.cuda.current_device()) if usable else torch.device("cpu"))
-    try:
-        target = torch.device(text)
-    except (RuntimeError, ValueError):
-        raise ValueError(f"device must be {DEVICE_CHOICES}; got {device!r}") from None
-    if target.type == "cpu":
-        return Device(torch.device("cpu"))
-    if target.type != "cuda":
+        if arrays and not cupy_available():
+            return CPU
+        import torch
+
+        return Device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else CPU
+    parsed = _DEVICE_TEXT.fullmatch(text)
+    if parsed is None:
         raise ValueError(f"device must be {DEVICE_CHOICES}; got {device!r}")
+    if parsed.group(1) == "cpu":
+        return CPU
+    import torch
+
     if not torch.cuda.is_available():
         raise ValueError(f"device {device!r} was asked for but no CUDA GPU is visible; use 'cpu' or 'auto'")
-    index = torch.cuda.current_device() if target.index is None else target.index
+    index = torch.cuda.current_device() if parsed.group(2) is None else int(parsed.group(2))
     if index >= torch.cuda.device_count():
         raise ValueError(f"device {device!r}: there are only {torch.cuda.device_count()} GPUs (cuda:0 to "
                          f"cuda:{torch.cuda.device_count() - 1})")
     if arrays and not cupy_available():
         raise ValueError(f"device {device!r} for the solvers needs CuPy and a GPU (pip install 'lincnn[gpu]'); "
                          f"use 'cpu' or 'auto'")
-    return Device(torch.device("cuda", index))
+    return Device("cuda", index)
 
 
 # ---- the array module follows the data ----------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The row-block operator protocol every solver is written against.
+"""The two operator protocols the solvers are written against: J by row blocks, and J by products.
 
 J is n·L × p, rows sample-major (row ``i*L + l`` is output l of sample i). A subclass of
 :class:`RowBlockOperator` supplies only
@@ -22,6 +22,18 @@ and ``normal_matrix`` always accumulate in float64 unless told otherwise.
 
 The array module follows the data (``cupy.get_array_module`` style): a CuPy vector makes the
 blocks stream to the GPU and the products run there; ``gram(device="cuda")`` does the same.
+
+J known only by its products (CG and the randomized SVD need nothing more) follows scipy's
+``LinearOperator`` protocol, :class:`ProductOperator`:
+
+- ``shape`` (n·L, p), ``dtype`` and ``n_outputs`` (L, rows per sample; 1 when unknown);
+- ``matvec(u)`` = J u and ``rmatvec(v)`` = Jᵀ v on float64 vectors;
+- ``matmat(U)`` and ``rmatmat(V)``, derived column by column when the operator has none.
+
+:func:`as_product_operator` wraps a ``scipy.sparse.linalg.LinearOperator`` or any object with
+``shape``, ``matvec`` and ``rmatvec``; the network's own Jacobian by jvp/vjp is
+``jacobian_store.matrix_free.NetworkJacobian``. Row-block methods (lstsq, ridge, sgd) cannot run on a
+ProductOperator: they need rows of J.
 """
 from __future__ import annotations
 
@@ -29,13 +41,15 @@ from typing import Iterator
 
 import numpy as np
 
-from jacobian_store.device import array_module, is_cupy_array, module_for_device
+from jacobian_store.device import array_module, is_cupy_array, module_for_device, to_numpy
 from jacobian_store.progress import progress_bar
 
 # Largest float64 working copy of a float32 block made at once (blocks are cut into row slices).
 SLICE_BYTES = 64 * 2**20
 # Default panel held for ``gram``: the rows of J paired against all later rows in one pass.
 PANEL_BYTES = 256 * 2**20
+# Seed of the probe vector of ``check_finite`` (any fixed seed: the test holds with probability 1).
+PROBE_SEED = 12345
 
 
 def _to_module(block, xp):
@@ -295,3 +309,119 @@ def _blas_syrk(dtype):
 
     return blas.dsyrk if dtype == np.float64 else blas.ssyrk
 
+
+class ProductOperator:
+    """Base class: J by its products only. A subclass supplies ``shape``, ``dtype``, ``n_outputs``,
+    ``matvec`` and ``rmatvec``; ``matmat``/``rmatmat`` default to one product per column.
+
+    ``accepts_device_arrays``: whether the products take CuPy vectors (the solvers then keep
+    their vectors on the GPU); a plain ``LinearOperator`` takes NumPy vectors only.
+    ``workspace_bytes``: memory one product holds besides its input and output (for the
+    solvers' memory plan).
+    """
+
+    shape: tuple[int, int]
+    dtype: np.dtype = np.dtype(np.float64)  # the precision of J's entries; products are float64
+    n_outputs: int = 1
+    accepts_device_arrays = False
+    workspace_bytes = 0
+
+    def matvec(self, u):
+        raise NotImplementedError
+
+    def rmatvec(self, v):
+        raise NotImplementedError
+
+    def matmat(self, U):
+        """J U, one ``matvec`` per column of ``U`` (p × k)."""
+        columns = [self.matvec(U[:, j]) for j in range(U.shape[1])]
+        return array_module(U).stack(columns, axis=1) if columns else array_module(U).zeros((self.shape[0], 0))
+
+    def rmatmat(self, V):
+        """Jᵀ V, one ``rmatvec`` per column of ``V`` (n·L × k)."""
+        columns = [self.rmatvec(V[:, j]) for j in range(V.shape[1])]
+        return array_module(V).stack(columns, axis=1) if columns else array_module(V).zeros((self.shape[1], 0))
+
+    @property
+    def n_samples(self) -> int:
+        return self.shape[0] // self.n_outputs
+
+    def __repr__(self) -> str:
+        m, p = self.shape
+        return f"{type(self).__name__}(shape=({m}, {p}), n_outputs={self.n_outputs})"
+
+    def check_finite(self) -> None:
+        """Raise ValueError naming the first row (sample, output) of J holding NaN or Inf.
+
+        One product J g with a Gaussian g: an entry J_ij that is NaN or ±Inf makes (J g)_i NaN or
+        ±Inf whenever g_j ≠ 0, which holds with probability 1, so no row of J needs to be formed.
+        """
+        g = np.random.default_rng(PROBE_SEED).standard_normal(self.shape[1])
+        Jg = np.asarray(to_numpy(self.matvec(g)))
+        bad = np.flatnonzero(~np.isfinite(Jg))
+        if bad.size:
+            row = int(bad[0])
+            sample, output = divmod(row, self.n_outputs)
+            raise ValueError(f"J holds a non-finite value in row {row} (sample {sample}, output {output}): its "
+                             f"product with a test vector is {Jg[row]}; {bad.size} such rows in all")
+
+    def as_linear_operator(self):
+        """The same operator as a ``scipy.sparse.linalg.LinearOperator`` (float64, NumPy vectors)."""
+        from scipy.sparse.linalg import LinearOperator
+
+        return LinearOperator(self.shape, matvec=lambda u: to_numpy(self.matvec(np.asarray(u, np.float64).ravel())),
+                              rmatvec=lambda v: to_numpy(self.rmatvec(np.asarray(v, np.float64).ravel())),
+                              dtype=np.float64)
+
+
+class _WrappedOperator(ProductOperator):
+    """Any object with ``shape``, ``matvec`` and ``rmatvec`` (e.g. a scipy LinearOperator)."""
+
+    def __init__(self, J, n_outputs: int):
+        self.J = J
+        self.shape = (int(J.shape[0]), int(J.shape[1]))
+        dtype = getattr(J, "dtype", None)  # (a NumPy dtype is falsy: it has no fields)
+        self.dtype = np.dtype(np.float64 if dtype is None else dtype)
+        self.n_outputs = n_outputs
+
+    def matvec(self, u):
+        return np.asarray(self.J.matvec(u), dtype=np.float64).reshape(-1)
+
+    def rmatvec(self, v):
+        return np.asarray(self.J.rmatvec(v), dtype=np.float64).reshape(-1)
+
+    def matmat(self, U):
+        if hasattr(self.J, "matmat"):
+            return np.asarray(self.J.matmat(U), dtype=np.float64).reshape(self.shape[0], -1)
+        return super().matmat(U)
+
+    def rmatmat(self, V):
+        if hasattr(self.J, "rmatmat"):
+            return np.asarray(self.J.rmatmat(V), dtype=np.float64).reshape(self.shape[1], -1)
+        return super().rmatmat(V)
+
+    def __repr__(self) -> str:
+        return f"{super().__repr__()[:-1]}, wrapping {type(self.J).__name__})"
+
+
+def has_products(J) -> bool:
+    """Whether ``J`` offers the product protocol (``shape``, ``matvec``, ``rmatvec``)."""
+    shape = getattr(J, "shape", None)
+    return (shape is not None and len(shape) == 2 and callable(getattr(J, "matvec", None))
+            and callable(getattr(J, "rmatvec", None)))
+
+
+def as_product_operator(J, n_outputs: int | None = None) -> ProductOperator:
+    """``J`` as a :class:`ProductOperator`: one is returned as is, any object with the product
+    protocol (``scipy.sparse.linalg.LinearOperator`` included) is wrapped."""
+    if isinstance(J, ProductOperator):
+        if n_outputs is not None and n_outputs != J.n_outputs:
+            raise ValueError(f"n_outputs={n_outputs} disagrees with the operator's n_outputs={J.n_outputs}")
+        return J
+    if not has_products(J):
+        raise TypeError(f"J must offer shape, matvec and rmatvec (e.g. a scipy.sparse.linalg.LinearOperator); "
+                        f"got {type(J).__name__}")
+    n_outputs = 1 if n_outputs is None else n_outputs
+    if not (isinstance(n_outputs, (int, np.integer)) and n_outputs > 0) or J.shape[0] % n_outputs:
+        raise ValueError(f"n_outputs must be a positive integer dividing the {J.shape[0]} rows of J, got {n_outputs!r}")
+    return _WrappedOperator(J, int(n_outputs))

@@ -57,7 +57,7 @@ class Ranks:
         multi-GPU node, rank r of a node taking GPU local_rank mod count; "cuda:N" is kept as asked."""
         resolved = resolve_device(device)
         if resolved.is_cuda and self.world_size > 1 and str(device).strip().lower() in ("auto", "cuda"):
-            return Device(torch.device("cuda", self.local_rank % torch.cuda.device_count()))
+            return Device("cuda", self.local_rank % torch.cuda.device_count())
         return resolved
 
     def barrier(self) -> None:

@@ -72,6 +72,14 @@ class HDF5RowOperator(RowBlockOperator):
         for start in range(first_row, n_rows, self.block_rows):
             yield start, self._dataset[start:min(start + self.block_rows, n_rows)]
 
+    def to_dense(self, dtype=None):
+        """All of J in one array, read by HDF5 straight into it in the stored dtype (no block copies)."""
+        if dtype is not None and np.dtype(dtype) != self.dtype:
+            return super().to_dense(dtype)
+        out = np.empty(self.shape, dtype=self.dtype)
+        self._dataset.read_direct(out)
+        return out
+
     def take_rows(self, rows: np.ndarray) -> np.ndarray:
         rows = np.asarray(rows, dtype=np.int64)
         if rows.size and (rows.min() < 0 or rows.max() >= self.shape[0]):

@@ -9,8 +9,7 @@ method; or, for ``cg`` and ``rsvd``, anything with ``shape``, ``matvec`` and ``r
 from .api import KNOB_LABELS, METHOD_OPTIONS, METHODS, PATH_KNOBS, REQUIRED, option_types, solve, solve_path
 from .cg import ConvergenceWarning
 from .memory import MemoryLimitError
-from jacobian_store.matrix_free import ProductOperator, as_product_operator
-from jacobian_store.operators import ArrayRowOperator, RowBlockOperator, as_row_operator
+from jacobian_store.operators import ArrayRowOperator, ProductOperator, RowBlockOperator, as_product_operator, as_row_operator
 from .result import STOP_REASONS, SolveResult, SolverDivergedError
 
 __all__ = ["solve", "solve_path", "SolveResult", "RowBlockOperator", "ArrayRowOperator", "as_row_operator",

@@ -104,8 +104,7 @@ def _fit_store(req: FitRequest) -> FitReport:
         results = _solve(req, J, r, values)
         for res, solution in zip(results, names):
             check_result(res, solution)
-        test, note = _test_split(req, lambda: store.model(device=_torch_device(req.device)),
-                                 lambda: store.dataset(data_root=req.data_root))
+        test, note = _test_split(req, lambda: _store_test_split(req, store))
         records = _records(req, results, names, train, test, note)
         payload = {"store": str(req.store), "store_summary": store.summary(), "command": req.command,
                    "scheduler": req.scheduler, "initial": _initial(train, test), "standard": req.standard}
@@ -130,7 +129,8 @@ def _fit_network(req: FitRequest) -> FitReport:
     r = (train.targets - train.f0).reshape(-1)
     names, values = _names(req, J)
     results = _solve(req, J, r, values)
-    test, note = _test_split(req, lambda: J.model, lambda: dataset)
+    test, note = _test_split(req, lambda: Split.of_network(J.model, dataset.test.x, dataset.test.targets.numpy(),
+                                                           device=req.device, batch_size=req.eval_batch_size))
     records = _records(req, results, names, train, test, note)
     payload = {"store": None, "operator": repr(J), "dataset": dataset.spec, "command": req.command,
                "network": {k: net[k] for k in ("arch", "width", "seed", "dtype")},
@@ -171,25 +171,33 @@ def _solve(req: FitRequest, J, r, values) -> list:
     return [solve(J, r, req.method, **common, **req.options)]
 
 
-def _torch_device(device: str) -> str:
-    from jacobian_store.device import resolve_device
-
-    return str(resolve_device(device).torch)
-
-
-def _test_split(req: FitRequest, model, dataset):
+def _test_split(req: FitRequest, make_split):
     """(the test split, None) to evaluate on, or (None, why not): skipped, or no data here (then
     train accuracy is still reported, with a warning saying why test accuracy is missing)."""
     if not req.test:
         return None, "skipped (--no-test)"
     try:
-        data = dataset()
-        return Split.of_network(model(), data.test.x, data.test.targets.numpy(), device=req.device,
-                                batch_size=req.eval_batch_size), None
+        return make_split(), None
     except Exception as error:  # no data here: report train accuracy, say why test is missing
         note = f"not evaluated: {error}"
         print(f"bin/solve: warning: test accuracy {note}", file=sys.stderr)
         return None, note
+
+
+def _store_test_split(req: FitRequest, store) -> Split:
+    """The store's test split: f0 and y as stored at build time; J(x) the stored test Jacobian when
+    the store has one (``--test-jacobian``: one pass over it, no network, no torch), else the
+    network's jvp at w0 on the test images rebuilt from the store's dataset spec."""
+    if store.is_complete("test"):
+        J = store.jacobian("test")
+    else:
+        from jacobian_store.device import resolve_device
+        from jacobian_store.matrix_free import NetworkJacobian
+
+        device = resolve_device(req.device)
+        J = NetworkJacobian(store.model(device=str(device)), store.dataset(data_root=req.data_root).test.x,
+                            device=device, batch_size=req.eval_batch_size)
+    return Split(store.f0("test"), store.targets("test"), J)
 
 
 def _records(req: FitRequest, results, names, train, test, note) -> list[dict]:

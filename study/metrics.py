@@ -7,7 +7,6 @@ which have one output with target 1 for the chosen class and 0 otherwise.
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 
 def predict_classes(outputs, binary: bool):
@@ -22,7 +21,7 @@ def predict_classes(outputs, binary: bool):
     if outputs.shape[1] != 1:
         raise ValueError(f"binary outputs must have shape (n, 1), got {tuple(outputs.shape)}")
     above = outputs[:, 0] > 0.5
-    return above.long() if isinstance(above, torch.Tensor) else above.astype(np.int64)
+    return above.long() if _is_tensor(above) else above.astype(np.int64)
 
 
 def accuracy(outputs, targets) -> float:
@@ -41,7 +40,12 @@ def accuracy(outputs, targets) -> float:
     return float(np.mean(predict_classes(outputs, binary) == predict_classes(targets, binary)))
 
 
+def _is_tensor(array) -> bool:
+    """Whether ``array`` is a torch tensor, without importing torch (the NumPy callers never need it)."""
+    return type(array).__module__.split(".")[0] == "torch"
+
+
 def _as_numpy(array) -> np.ndarray:
-    if isinstance(array, torch.Tensor):
+    if _is_tensor(array):
         return array.detach().cpu().numpy()
     return np.asarray(array)

@@ -270,8 +270,7 @@ def _add_matrix_free_arguments(parser) -> None:
     """The network and data options of bin/build-jacobian, defining J when there is no --store (--seed
     and --dtype are this command's solver options, so w0's seed is --init-seed and the jvp/vjp's
     dtype --network-dtype)."""
-    from jacobian_store.architectures import add_network_arguments
-    from jacobian_store.datasets import add_data_arguments
+    from jacobian_store.arguments import add_data_arguments, add_network_arguments
 
     net = add_network_arguments(parser, seed_flag="--init-seed", dtype_flag="--network-dtype",
                                 dtype_help="dtype of the jvp/vjp (default float32, as a store's J)",

@@ -210,7 +210,7 @@ def spectrum_of_model(model: torch.nn.Module, x, *, method: str = "structured", 
 
 def build_parser() -> argparse.ArgumentParser:
     from jacobian_store.architectures import available_models
-    from jacobian_store.datasets import add_data_arguments
+    from jacobian_store.arguments import add_data_arguments
 
     parser = argparse.ArgumentParser(
         prog="bin/spectrum",

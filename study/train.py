@@ -536,7 +536,7 @@ def default_lr_step_epochs(dataset_name: str) -> int | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from jacobian_store.datasets import add_data_arguments
+    from jacobian_store.arguments import add_data_arguments
 
     parser = argparse.ArgumentParser(
         prog="bin/train",

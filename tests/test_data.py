@@ -21,7 +21,8 @@ import torch
 from PIL import Image
 
 from jacobian_store import datasets as data
-from jacobian_store.datasets import (DATASETS, SNAKE_CLASSES, DatasetError, add_data_arguments, dataset_from_args,
+from jacobian_store.arguments import add_data_arguments
+from jacobian_store.datasets import (DATASETS, SNAKE_CLASSES, DatasetError, dataset_from_args,
                         dataset_from_spec, default_data_root, load_dataset, shift_offsets)
 from study.metrics import accuracy, predict_classes
 

@@ -14,7 +14,8 @@ import torch
 from conftest import DEVICES
 from jacobian_store.architectures import create_model
 from jacobian_store.functional import initial_parameters, jacobian_rows
-from jacobian_store.matrix_free import NetworkJacobian, as_product_operator
+from jacobian_store.matrix_free import NetworkJacobian
+from jacobian_store.operators import as_product_operator
 from solvers import solve, solve_path
 
 

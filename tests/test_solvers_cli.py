@@ -131,7 +131,7 @@ def test_help_says_what_each_method_holds_in_memory():
 
 
 def test_bin_solve_and_build_jacobian_share_the_network_options(capsys):
-    """One argparse helper (jacobian_store.architectures.add_network_arguments) for both commands; each
+    """One argparse helper (jacobian_store.arguments.add_network_arguments) for both commands; each
     keeps its own flags for the seed of w0 and the dtype (bin/solve's --seed and --dtype are solver options)."""
     from jacobian_store.build import _parser as build_parser_
 
@@ -149,3 +149,38 @@ def test_bin_solve_and_build_jacobian_share_the_network_options(capsys):
         with pytest.raises(SystemExit):
             parser.parse_args(["--width", "-1", "--out", "x.h5"])
         assert "--width must be a positive number, got -1" in capsys.readouterr().err
+
+
+def test_test_accuracy_from_the_stored_test_jacobian_equals_the_jvp(store, tmp_path):
+    """With a test Jacobian (--test-jacobian) bin/solve reads J(x) u from it; without one it takes the
+    jvp of the network at w0 on the test images rebuilt from the store's dataset spec. Both are
+    f0 + J(x) u of the same float32 J(x), so they agree to float32 rounding."""
+    without = tmp_path / "without.h5"
+    shutil.copy(store, without)
+    with h5py.File(without, "r+") as file:
+        del file["test/J"], file["test/done"]
+    records = {}
+    for name, path in (("stored", store), ("jvp", without)):
+        records[name] = tmp_path / f"{name}.json"
+        assert main(["--store", str(path), "--method", "lstsq", "--no-save", "--json", str(records[name]),
+                     "--quiet"]) == 0
+    stored, jvp = (json.loads(records[name].read_text()) for name in ("stored", "jvp"))
+    assert stored["test_loss"] == pytest.approx(jvp["test_loss"], rel=1e-5)
+    # a test output within float32 rounding of a class boundary could flip: at most one of 20 samples
+    assert abs(stored["test_acc"] - jvp["test_acc"]) <= 1 / 20
+
+
+def test_a_solve_on_a_store_does_not_import_torch(store):
+    """A stored J (and a stored test J) needs NumPy only: torch's import would cost a third of a small
+    store's whole command (jacobian_store.device, jacobian_store.arguments)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (f"import sys; from study.solve import main; "
+            f"rc = main(['--store', {str(store)!r}, '--method', 'lstsq', '--no-save', '--quiet']); "
+            f"print(rc, 'torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[-2:] == ["0", "False"]
