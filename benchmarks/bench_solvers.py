@@ -7,8 +7,10 @@ In one run, on J = 2,000 × 60,941 float32 read from the HDF5 store (built once,
   (float64 LAPACK, since r is float64), with the relative differences of J u and of u, and the
   singular values lying between the two cut-offs, which explain a difference in u;
 - the whole ``bin/solve --method lstsq`` command (start-up, store, solve, test evaluation, JSON),
-  timed with subprocess: ``--precision mixed`` and ``--precision float64`` (median of
-  ``--repeats``) and ``--driver gelsd`` (once: it takes half a minute);
+  timed with subprocess: ``--precision mixed`` on the store (test accuracy by the network's jvp,
+  which imports torch) and on a copy built with ``--test-jacobian`` (test accuracy from the stored
+  J(x): NumPy only), ``--precision float64`` (median of ``--repeats``) and ``--driver gelsd``
+  (once: it takes half a minute);
 - ``ridge`` at one λ (mixed and float64), ``cg`` to 1e-6 relative residual, ``rsvd`` at k = 500,
   one ``sgd`` epoch (``--skip-others`` leaves these out).
 Target (issue 10): the whole lstsq command ≥ 10× the gelsd command; ‖J u − J u_gelsd‖ ≤ 1e-8 ‖J u_gelsd‖.
@@ -44,7 +46,8 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
-def build_if_missing(path: Path, n: int, binary: int, data_root: Path = SHARED_DATA) -> None:
+def build_if_missing(path: Path, n: int, binary: int, data_root: Path = SHARED_DATA,
+                     test_jacobian: bool = False) -> None:
     if path.exists():
         return
     from jacobian_store.build import BuildSpec, build_store
@@ -53,9 +56,11 @@ def build_if_missing(path: Path, n: int, binary: int, data_root: Path = SHARED_D
     if not (data_root / "MNIST" / "raw").is_dir():
         sys.exit(f"MNIST not found under {data_root}; pass --data-root, or --store with an existing store")
     dataset = load_dataset("mnist", data_root=data_root, n_train=n, n_test=500, binary=binary, seed=0)
-    print(f"building {path} (LeNet ×1, {n} binary-MNIST samples, class {binary} vs rest) ...", flush=True)
+    print(f"building {path} (LeNet ×1, {n} binary-MNIST samples, class {binary} vs rest"
+          f"{', with the test Jacobian' if test_jacobian else ''}) ...", flush=True)
     path.parent.mkdir(parents=True, exist_ok=True)
-    print(build_store(path, BuildSpec("lenet", 1.0, seed=0), dataset, progress=False), flush=True)
+    print(build_store(path, BuildSpec("lenet", 1.0, seed=0, test_jacobian=test_jacobian), dataset, progress=False),
+          flush=True)
 
 
 def timed(fn):
@@ -146,29 +151,33 @@ def lstsq_rows(J, r, J_mem, repeats: int) -> tuple[list[dict], np.ndarray]:
     return rows, u_ref
 
 
-def command_rows(store: Path, data_root: Path, repeats: int) -> list[dict]:
-    """The whole ``bin/solve --method lstsq`` command, mixed and float64 (median, interleaved) and
-    gelsd (once)."""
-    extras = {"mixed": ["--precision", "mixed"], "float64": ["--precision", "float64"]}
-    runs = median_runs({label: (lambda extra=extra: run_command(solve_command(store, extra, data_root)))
-                        for label, extra in extras.items()}, repeats)
-    runs["gelsd"] = median_runs({"gelsd": lambda: run_command(solve_command(store, ["--driver", "gelsd"], data_root))},
-                                1)["gelsd"]
+def command_rows(store: Path, store_with_test: Path, data_root: Path, repeats: int) -> list[dict]:
+    """The whole ``bin/solve --method lstsq`` command: mixed precision with test accuracy by the
+    network's jvp (the default store) and from a stored test Jacobian (``--test-jacobian``, no
+    torch), float64 (median of ``repeats``, interleaved), and gelsd (once)."""
+    commands = {"--precision mixed (test by jvp)": (store, ["--precision", "mixed"]),
+                "--precision mixed (test from the stored J(x))": (store_with_test, ["--precision", "mixed"]),
+                "--precision float64 (test by jvp)": (store, ["--precision", "float64"])}
+    runs = median_runs({label: (lambda s=s, extra=extra: run_command(solve_command(s, extra, data_root)))
+                        for label, (s, extra) in commands.items()}, repeats)
+    gelsd_label = "--driver gelsd (test by jvp)"
+    runs[gelsd_label] = median_runs({"gelsd": lambda: run_command(solve_command(store, ["--driver", "gelsd"],
+                                                                                data_root))}, 1)["gelsd"]
     rows = []
     for label, (record, seconds, times, cpu) in runs.items():
-        flags = " ".join(extras.get(label, ["--driver", "gelsd"]))
-        row = {"method": f"bin/solve --method lstsq {flags}", "seconds": seconds, "runs": times, "cpu_seconds": cpu,
-               "solve_seconds": record["wall_time"], "precision": record["extras"].get("precision"),
-               "test_acc": record.get("test_acc"), "train_acc": record.get("train_acc")}
-        print(f"{row['method']:48s} median {seconds:6.2f} s of {', '.join(f'{t:.2f}' for t in times)}, "
-              f"CPU {cpu:.2f} s (solve {record['wall_time']:.2f} s; outside the solve {seconds - record['wall_time']:.2f} s; "
+        row = {"method": f"bin/solve --method lstsq {label}", "seconds": seconds, "runs": times, "cpu_seconds": cpu,
+               "solve_seconds": record["wall_time"], "outside_solve_seconds": seconds - record["wall_time"],
+               "precision": record["extras"].get("precision"), "test_acc": record.get("test_acc"),
+               "train_acc": record.get("train_acc")}
+        print(f"{row['method']:72s} median {seconds:6.2f} s of {', '.join(f'{t:.2f}' for t in times)}, "
+              f"CPU {cpu:.2f} s (solve {record['wall_time']:.2f} s; outside the solve {row['outside_solve_seconds']:.2f} s; "
               f"train acc {record.get('train_acc')}, test acc {record.get('test_acc')})", flush=True)
         rows.append(row)
     gelsd = rows[-1]
     for row in rows[:-1]:
         row["speedup_vs_gelsd_command"] = gelsd["seconds"] / row["seconds"]
         row["cpu_speedup_vs_gelsd_command"] = gelsd["cpu_seconds"] / row["cpu_seconds"]
-        print(f"  whole command {row['precision']}: {row['speedup_vs_gelsd_command']:.1f}× the gelsd command "
+        print(f"  {row['method']}: {row['speedup_vs_gelsd_command']:.1f}× the gelsd command "
               f"(CPU time {row['cpu_speedup_vs_gelsd_command']:.1f}×)", flush=True)
     return rows
 
@@ -251,7 +260,9 @@ def main(argv=None) -> int:
         rows += lstsq
         del J_mem
         if not args.skip_command:
-            rows += command_rows(args.store, args.data_root, args.repeats)
+            with_test = args.store.with_name(f"{args.store.stem}-test-jacobian{args.store.suffix}")
+            build_if_missing(with_test, args.n, args.binary, args.data_root, test_jacobian=True)
+            rows += command_rows(args.store, with_test, args.data_root, args.repeats)
         if not args.skip_others:
             rows += other_rows(J, r, lstsq[0]["sigma_max"], args.rank, args.cg_maxiter, u_ref)
 

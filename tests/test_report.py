@@ -142,3 +142,19 @@ def test_findings_page_from_run_directories_keeps_the_written_account(tmp_path):
     again = page.read_text()
     assert again.startswith("# Findings\n\nWhat holds and why.") and again.rstrip().endswith("More prose.")
     assert again.count("## Verdicts") == 1
+
+
+def test_findings_show_the_cost_the_preset_file_states_now(tmp_path):
+    """A preset's cost is measured by a run and written into its file afterwards: the page shows the file's
+    figure, not the one frozen into the run's experiment.json (which it keeps when the file is gone)."""
+    from study.experiments import load_experiment
+    from study.experiments.findings import preset_cost
+
+    toml = tmp_path / "fake.toml"
+    body = """[experiment]\nname = "fake"\nkind = "compare"\n[dataset]\nname = "digits"\nbinary = 0\n[grid]\nwidths = [1]\n"""
+    toml.write_text(body + '[presets.cpu]\nexpected_cost = "not measured yet"\n')
+    exp = load_experiment(str(toml), "cpu")
+    toml.write_text(body + '[presets.cpu]\nexpected_cost = "Measured: 2 min"\n')
+    assert exp.expected_cost == "not measured yet" and preset_cost(exp) == "Measured: 2 min"
+    toml.unlink()
+    assert preset_cost(exp) == "not measured yet"

@@ -158,6 +158,22 @@ def test_check_finite_names_first_bad_row(h5_operator):
     J[10, 0] = np.nan
     with pytest.raises(ValueError, match=r"row 9 \(sample 4, output 1\), column 3"):
         h5_operator(J, chunk_rows=4, n_outputs=2).check_finite()
+    J[9, :3] = -np.inf  # +Inf and −Inf in one row sum to NaN: still found, at its first column
+    with pytest.raises(ValueError, match=r"non-finite value \(-inf\) in row 9 .*column 0"):
+        ArrayRowOperator(J, n_outputs=2).check_finite()
+
+
+def test_check_finite_accepts_finite_rows_whose_sum_overflows():
+    """The check sums rows in J's dtype; a finite row beyond float32's range overflows that sum to
+    Inf, which must not be taken for an Inf entry."""
+    J = np.ones((6, 4), np.float32)
+    J[2] = np.finfo(np.float32).max
+    J[3, 1:] = [np.finfo(np.float32).max, -np.finfo(np.float32).max, np.finfo(np.float32).max]
+    assert not np.isfinite(J @ np.ones(4, np.float32))[2]
+    ArrayRowOperator(J).check_finite()
+    J[3, 0] = np.nan
+    with pytest.raises(ValueError, match=r"row 3 \(sample 3, output 0\), column 0"):
+        ArrayRowOperator(J).check_finite()
 
 
 def test_as_row_operator_rejects_what_it_cannot_use():
