@@ -49,6 +49,13 @@ def whole_command(store: Path, extra: list[str]) -> tuple[float, dict]:
         return seconds, json.loads(record.read_text())
 
 
+def ran_in(record: dict) -> str:
+    """The precision the solve ran in, and why mixed precision fell back when it did."""
+    extras = record["extras"]
+    fallback = extras.get("precision_fallback")
+    return f"{extras.get('precision')} (mixed fell back: {fallback})" if fallback else str(extras.get("precision"))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--widths", type=float, nargs="+", default=[1, 2])
@@ -63,8 +70,8 @@ def main(argv=None) -> int:
         return 2
     print(f"cpus: {os.cpu_count()}, load average at the start {os.getloadavg()[0]:.1f}\n")
     print("| width | p | n | J (GB) | build (s) | rows/s | lstsq command (s) | its solve (s) | gelsd command (s) | "
-          "gelsd / lstsq | ‖Ju − r‖/‖r‖ | train acc | test acc |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "gelsd / lstsq | lstsq ran in | ‖Ju − r‖/‖r‖ | train acc | test acc |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|")
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         for width in args.widths:
             p = parameter_count("lenet", width, n_outputs=1)
@@ -72,7 +79,7 @@ def main(argv=None) -> int:
                 gigabytes = n * p * 4 / 1e9
                 if gigabytes > args.max_gigabytes:
                     print(f"| {width:g} | {p:,} | {n:,} | {gigabytes:.2f} | skipped (> --max-gigabytes) |"
-                          + " |" * 8)
+                          + " |" * 9)
                     continue
                 dataset = load_dataset("mnist", data_root=SHARED_DATA, n_train=n, n_test=2000, binary=0)
                 path = Path(tmp) / f"w{width:g}-n{n}.h5"
@@ -86,7 +93,7 @@ def main(argv=None) -> int:
                     gelsd = "| "
                 print(f"| {width:g} | {p:,} | {n:,} | {gigabytes:.2f} | {report.seconds:.1f} | "
                       f"{report.rows_per_second:,.0f} | {seconds:.1f} | {record['wall_time']:.1f} | {gelsd} | "
-                      f"{record['relative_residual']:.1e} | {record['train_acc']:.3f} | {record['test_acc']:.3f} |",
+                      f"{ran_in(record)} | {record['relative_residual']:.1e} | {record['train_acc']:.3f} | {record['test_acc']:.3f} |",
                       flush=True)
                 path.unlink()
     return 0
