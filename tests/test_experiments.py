@@ -209,6 +209,29 @@ def test_spectrum_and_regularization_runs(tmp_path):
     assert math.isclose(cg[1]["u_norm"], records["lstsq"]["u_norm"], rel_tol=1e-2)
 
 
+def test_a_path_record_depends_on_its_own_inputs_only(tmp_path):
+    """A path unit's settings digest covers what its solve reads and nothing else: a new sgd_lr
+    recomputes the SGD path alone, a new batch size (which SGD reads from [train]) recomputes it too."""
+    from study.experiments import plan_units
+    from study.experiments.records import settings_digest
+
+    def digests(**regularization):
+        raw = {"experiment": {"name": "r", "kind": "regularization"},
+               "dataset": {"name": "digits", "binary": 0, "n_train": 30, "n_test": 20},
+               "train": {"device": "cpu", "batch_size": regularization.pop("batch_size", 10)},
+               "regularization": {"width": 0.5, "lambdas": [1e-3, 1e3], "ranks": [2, 20], "cg_iterations": [1, 50],
+                                  "sgd_epochs": [1, 3], "sgd_lr": 0.01, **regularization}}
+        exp = resolve(raw, "cpu")
+        runner = Runner(exp, tmp_path, progress=False)
+        return {u.name: settings_digest(runner.settings(u)) for u in plan_units(exp)}
+
+    base = digests()
+    changed = {name for name, digest in digests(sgd_lr=0.02).items() if digest != base[name]}
+    assert changed == {"sgd-path"}
+    assert {name for name, digest in digests(batch_size=5).items() if digest != base[name]} == {"sgd-path"}
+    assert {name for name, digest in digests(lambdas=[1.0]).items() if digest != base[name]} == {"ridge-path"}
+
+
 def test_search_selects_on_a_validation_split(tmp_path):
     exp = tiny(grid={"seeds": [0], "solvers": [], "models": ["linearized"]},
                search={"lrs": [0.05, 1e-6], "weight_decays": [0.0], "validation_fraction": 0.25})

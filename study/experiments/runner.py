@@ -184,9 +184,25 @@ class Runner:
         if unit.name == "spectrum":
             out["spectrum"] = {"method": exp.spectrum["method"], "cutoff": "lstsq"}
         if unit.name.endswith("-path"):
-            out["regularization"] = exp.regularization
+            method = unit.name.removesuffix("-path")
+            values, options = self.path_inputs(unit)
+            # only what this path reads: another method's values (say sgd_lr) leave its record valid
+            out["path"] = {"method": method, "values": values, "options": options}
             out["store_dtype"] = exp.solver["store_dtype"]
         return out
+
+    def path_inputs(self, unit: Unit) -> tuple[list, dict]:
+        """(the knob's values, the solver's options) of a ``<method>-path`` unit: all it computes from."""
+        method = unit.name.removesuffix("-path")
+        reg = self.exp.regularization
+        options = {}
+        if method == "sgd":
+            t = self.exp.train
+            options = dict(lr=float(reg["sgd_lr"]), weight_decay=float(reg["sgd_weight_decay"]),
+                           batch_size=t["batch_size"], momentum=float(t["momentum"]), seed=unit.seed)
+        if method == "rsvd":
+            options = {k: v for k, v in self.exp.solver["rsvd"].items() if k != "rank"}
+        return list(reg[_PATH_KNOBS[method]]), options
 
     # -- the grid --------------------------------------------------------------------------------
     def run(self, search: bool = False) -> list[dict]:
@@ -383,15 +399,7 @@ class Runner:
         from solvers import solve_path
 
         method = unit.name.removesuffix("-path")
-        reg = self.exp.regularization
-        values = reg[_PATH_KNOBS[method]]
-        options = {}
-        if method == "sgd":
-            t = self.exp.train
-            options = dict(lr=float(reg["sgd_lr"]), weight_decay=float(reg["sgd_weight_decay"]),
-                           batch_size=t["batch_size"], momentum=float(t["momentum"]), seed=unit.seed)
-        if method == "rsvd":
-            options = {k: v for k, v in self.exp.solver["rsvd"].items() if k != "rank"}
+        values, options = self.path_inputs(unit)
         path, build_seconds = self._build_store(unit, test_jacobian=True)
         with JacobianStore.open(path) as store:
             with Clock() as clock:
