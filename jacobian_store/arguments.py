@@ -49,7 +49,8 @@ def add_network_arguments(parser: argparse.ArgumentParser, *, seed_flag: str = "
     Returns the group, for a command's own network options.
     """
     group = parser.add_argument_group(title)
-    group.add_argument("--arch", default="lenet", choices=_RegistryNames("jacobian_store.architectures", "available_models"), help="architecture (default lenet)")
+    group.add_argument("--arch", default="lenet", choices=_RegistryNames("jacobian_store.architectures", "available_models"),
+                       help="architecture (default lenet)")
     group.add_argument("--width", type=float, default=1.0, action=_WidthAction,
                        help="width factor k: every hidden channel and unit count is multiplied by k (default 1)")
     seed_help = "seed of the initialization w0 (default 0)"
@@ -73,8 +74,8 @@ def add_data_arguments(parser: argparse.ArgumentParser, default_dataset: str = "
     """Add the data options (``--dataset``, ``--data-root``, ...) read by
     ``jacobian_store.datasets.dataset_from_args``."""
     group = parser.add_argument_group("data")
-    group.add_argument("--dataset", choices=_RegistryNames("jacobian_store.datasets", "available_datasets"), default=default_dataset,
-                       help=f"dataset to use (default: {default_dataset}; digits needs no files)")
+    group.add_argument("--dataset", choices=_RegistryNames("jacobian_store.datasets", "available_datasets"),
+                       default=default_dataset, help=f"dataset to use (default: {default_dataset}; digits needs no files)")
     group.add_argument("--data-root", type=Path, default=None, metavar="DIR",
                        help="folder holding MNIST/raw/, cifar-10-batches-py/ or snakes/ (default: $LINCNN_DATA, "
                             "else $XDG_CACHE_HOME/lincnn or ~/.cache/lincnn)")

@@ -482,7 +482,7 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--test-jacobian", action="store_true",
                        help="also store the test set's Jacobian: bin/solve then scores test accuracy from it, with "
                             "NumPy alone (without it: a jvp of the network, which costs torch's import and "
-                            "the test images' reload, about 3 s per command)")
+                            "the test images' reload, about 4 s per command)")
     build.add_argument("--chunk-samples", type=int, default=None,
                        help="samples per build chunk (default: as many as --memory-budget allows)")
     build.add_argument("--memory-budget", type=parse_bytes, default=None,

@@ -141,6 +141,11 @@ def is_cupy_array(x) -> bool:
     return type(x).__module__.split(".")[0] == "cupy"
 
 
+def is_torch_tensor(x) -> bool:
+    """Whether ``x`` is a torch tensor, without importing torch (NumPy callers never need it)."""
+    return type(x).__module__.split(".")[0] == "torch"
+
+
 def array_module(*arrays):
     """``numpy``, or ``cupy`` when any argument is a CuPy array (``cupy.get_array_module`` semantics)."""
     if any(is_cupy_array(a) for a in arrays):

@@ -227,7 +227,9 @@ class RowBlockOperator:
         """Stream J once; raise ValueError naming the first row (sample, output) holding NaN or Inf.
 
         Each block is multiplied by a vector of ones in J's dtype: one BLAS pass and no block-sized
-        temporary (an ``isfinite`` mask of a 0.5 GB block cost 0.6 s where the product costs 0.02 s).
+        temporary (on the 0.49 GB LeNet ×1 J held in memory, 0.013 s against 0.056 s for an
+        ``isfinite`` mask, whose temporary also pays first-touch page faults;
+        ``benchmarks/bench_lstsq_parts.py``).
         NaN and ±Inf propagate through products and sums, so a row holding one has a non-finite
         product; a finite row has one only when its sum overflows the dtype, so the flagged rows
         are then tested entry by entry and only a true NaN or Inf is reported.

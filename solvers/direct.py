@@ -107,7 +107,7 @@ import numpy as np
 import scipy.linalg
 
 from jacobian_store.device import is_cupy_array, module_for_device, scalar, to_numpy
-from jacobian_store.operators import ArrayRowOperator, RowBlockOperator
+from jacobian_store.operators import ArrayRowOperator
 
 from .rank import rank_cutoff
 from .result import SolveResult, finish
@@ -371,7 +371,7 @@ def _float64_stop_reason(fallback: dict) -> str:
 def _solve_mixed(op, r, form, *, lam, rcond, panel_bytes, progress) -> _Refined:
     """Float32 Gram, float64 Cholesky of it as M, float64 iterative refinement (module docstring)."""
     m, p = op.shape
-    work = _held_float32(op, panel_bytes)
+    work = _held_float32(op)
     A = _float32_gram(work, form, panel_bytes, progress).astype(np.float64)
     fro = float(np.sqrt(max(np.trace(A), 0.0)))  # ‖J‖_F, an upper bound on ‖J‖₂
     extras = {"precision": "mixed", "J_held_float32": work is not op}
@@ -433,24 +433,14 @@ def _solve_mixed(op, r, form, *, lam, rcond, panel_bytes, progress) -> _Refined:
     raise AssertionError("unreachable: the step budget is checked inside the loop")
 
 
-def _held_float32(op, panel_bytes):
-    """The operator the mixed route reads: J held in memory in float32 when that is exact (J is
-    stored in float32), fits the planned Gram panel (it then is the Gram's single panel) and ``op``
-    streams its own rows; else ``op``. Held, J is read once for the Gram and every refinement pass.
-    An operator with its own products (a Dask cluster) keeps them."""
-    if np.dtype(op.dtype) != np.float32 or type(op).gram is not RowBlockOperator.gram:
+def _held_float32(op):
+    """The operator the mixed route reads: a float32 J already in host memory (an array, or a stored
+    J that ``solvers.api._held_in_memory`` read once because the planned Gram panel holds all of it),
+    cut into row blocks whose float64 working copy stays in cache, since each refinement pass casts
+    J block by block; anything else (a streamed store, a Dask cluster, CuPy) as it is."""
+    if not (isinstance(op, ArrayRowOperator) and op.J.dtype == np.float32 and not is_cupy_array(op.J)):
         return op
-    m, p = op.shape
-    if isinstance(op, ArrayRowOperator):
-        if is_cupy_array(op.J):
-            return op
-        J = op.J
-    elif panel_bytes is not None and m * p * 4 <= panel_bytes:
-        J = op.to_dense()
-    else:
-        return op
-    # Row blocks whose float64 working copy stays in cache: each pass casts J block by block.
-    return ArrayRowOperator(J, op.n_outputs, block_rows=max(1, HELD_BLOCK_BYTES // (8 * p)))
+    return ArrayRowOperator(op.J, op.n_outputs, block_rows=max(1, HELD_BLOCK_BYTES // (8 * op.shape[1])))
 
 
 def _float32_gram(work, form, panel_bytes, progress):

@@ -88,8 +88,8 @@ def evaluate(solutions, splits: dict) -> list[dict]:
 
 
 def _host(array) -> np.ndarray:
-    if hasattr(array, "detach"):  # a torch tensor
-        return array.detach().cpu().numpy()
-    from jacobian_store.device import to_numpy
+    from jacobian_store.device import is_torch_tensor, to_numpy
 
+    if is_torch_tensor(array):
+        return array.detach().cpu().numpy()
     return np.asarray(to_numpy(array))

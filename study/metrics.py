@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from jacobian_store.device import is_torch_tensor
+
 
 def predict_classes(outputs, binary: bool):
     """Predicted labels of ``outputs`` (n, L), numpy or torch, returned in the same kind of array.
@@ -21,7 +23,7 @@ def predict_classes(outputs, binary: bool):
     if outputs.shape[1] != 1:
         raise ValueError(f"binary outputs must have shape (n, 1), got {tuple(outputs.shape)}")
     above = outputs[:, 0] > 0.5
-    return above.long() if _is_tensor(above) else above.astype(np.int64)
+    return above.long() if is_torch_tensor(above) else above.astype(np.int64)
 
 
 def accuracy(outputs, targets) -> float:
@@ -40,12 +42,7 @@ def accuracy(outputs, targets) -> float:
     return float(np.mean(predict_classes(outputs, binary) == predict_classes(targets, binary)))
 
 
-def _is_tensor(array) -> bool:
-    """Whether ``array`` is a torch tensor, without importing torch (the NumPy callers never need it)."""
-    return type(array).__module__.split(".")[0] == "torch"
-
-
 def _as_numpy(array) -> np.ndarray:
-    if _is_tensor(array):
+    if is_torch_tensor(array):
         return array.detach().cpu().numpy()
     return np.asarray(array)

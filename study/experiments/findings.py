@@ -2,8 +2,9 @@
 
 For each run directory the report is regenerated (``report.py``: ``report.md``, ``claims.json``,
 figures), its figures are copied next to the page (``figures/findings/<run>-<figure>.png``), and the
-page gets one section per run: what ran and what it cost (the preset's file as it is now), the verdict on each claim with the
-numbers that decided it, and the figures; then a summary table of all verdicts.
+page gets one section per run: what ran and what it cost (the preset's file as it is now), the
+verdict on each claim with the numbers that decided it, and the figures; then a summary table of all
+verdicts.
 
 The generated part sits between two marker lines. When the page exists, only that part is
 replaced: the plain account written around it (which claims hold at CPU scale and why) is kept.
